@@ -1,0 +1,35 @@
+# Two commands (see README): `make demo` (set up + train on the demo corpus) and `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+DEMO    ?= data/demo
+MOTIONS ?= 2000
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo shards-demo test bench clean
+
+setup: $(STAMP)
+
+# torch first: the pinned CPU build lies on these machines' disk; an unpinned torch would pull
+# several GB of CUDA wheels. The rest comes pinned from constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+$(DEMO)/manifest.json: | $(STAMP)
+	$(PY) shards/make_shards.py demo --motions $(MOTIONS) --out $(DEMO) --workers 2
+
+shards-demo: $(DEMO)/manifest.json
+	$(PY) shards/make_shards.py summary $(DEMO)
+
+demo: shards-demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) data runs
