@@ -1,0 +1,42 @@
+"""Build the two-tower model and its tokenizer from a run config."""
+from __future__ import annotations
+
+from rehamot.config import Config
+from rehamot.models import (
+    MotionEncoderConfig,
+    TextEncoderConfig,
+    TwoTower,
+    TwoTowerConfig,
+    load_tokenizer,
+)
+
+
+def text_config(cfg: Config) -> TextEncoderConfig:
+    m = cfg.model
+    return TextEncoderConfig(
+        model=m.text_model,
+        pooling=m.pooling,
+        finetune=m.finetune_lm,
+        embed_dim=m.embed_dim,
+        num_layers=m.text_layers,
+        max_length=cfg.data.max_text_len,
+    )
+
+
+def build_model(cfg: Config, feature_dim: int) -> TwoTower:
+    m = cfg.model
+    motion = MotionEncoderConfig(
+        feature_dim=feature_dim,
+        d_model=m.d_model,
+        layers=m.layers,
+        heads=m.heads,
+        ff=m.ff,
+        dropout=m.dropout,
+        max_len=max(512, cfg.data.max_len + 1),
+        embed_dim=m.embed_dim,
+    )
+    return TwoTower(TwoTowerConfig(motion=motion, text=text_config(cfg)))
+
+
+def build_tokenizer(cfg: Config):
+    return load_tokenizer(text_config(cfg))

@@ -1,0 +1,380 @@
+"""Train a motion<->text retrieval model.
+
+    accelerate launch [--config_file F] rehamot/train.py [CONFIG.yaml] [key=value ...]
+    torchrun --nproc_per_node N rehamot/train.py [CONFIG.yaml] [key=value ...]
+    python rehamot/train.py [CONFIG.yaml] [key=value ...]
+
+With no CONFIG.yaml, configs/demo.yaml is used. See README.md and docs/cluster.md.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository's package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import json
+import math
+import platform
+import subprocess
+import time
+from datetime import datetime, timedelta
+from importlib import metadata
+from typing import Any, Sequence
+
+import torch
+
+from rehamot import checkpoint as ckpt
+from rehamot import distributed as dist_utils
+from rehamot.config import DEFAULT_CONFIG, Config, ConfigError, load_config, to_yaml
+from rehamot.data.pipeline import DataConfig, EvalSet, TrainStream
+from rehamot.data.schema import load_manifest
+from rehamot.evaluate import evaluate_model, print_results
+from rehamot.export import export_bundle
+from rehamot.lr_schedule import gated, lr_multiplier
+from rehamot.model_factory import build_model, build_tokenizer
+from rehamot.objective import GlobalBatchObjective, LossConfig, scheduled_loss_name
+from rehamot.run_log import NullLog, RunLog
+
+PREEMPT_MARKER = "PREEMPT"
+DONE_MARKER = "DONE"
+INJECT_NAN_ENV = "REHAMOT_INJECT_NAN_STEP"  # fault injection for tests: NaN loss at this step
+
+
+def split_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    config_path, overrides = None, []
+    for arg in argv:
+        if "=" not in arg and arg.endswith((".yaml", ".yml")) and config_path is None:
+            config_path = arg
+        else:
+            overrides.append(arg)
+    return config_path, overrides
+
+
+def build_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+    # gloo on CPU; `cpu=True` makes several CPU processes really distributed (design.md), but
+    # DeepSpeed must not get it (it would start one process and no process group).
+    handler = InitProcessGroupKwargs(backend=None if cuda else "gloo", timeout=timeout)
+    accelerator = Accelerator(cpu=not cuda and not deepspeed, kwargs_handlers=[handler])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != world:
+        raise SystemExit(
+            f"accelerate sees {accelerator.num_processes} process(es) but WORLD_SIZE={world}: every rank "
+            "would train alone. On CPU launch with `accelerate launch --config_file "
+            "configs/accelerate/cpu.yaml` or `torchrun --nproc_per_node N`."
+        )
+    if deepspeed:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        ds["train_batch_size"] = cfg.train.batch_size * accelerator.num_processes * ds.get("gradient_accumulation_steps", 1)
+        if cfg.train.grad_clip > 0:
+            ds["gradient_clipping"] = cfg.train.grad_clip
+    return accelerator
+
+
+def choose_run_dir(cfg: Config, accelerator) -> Path:
+    from accelerate.utils import broadcast_object_list
+
+    chosen = [cfg.run.dir]
+    if chosen[0] is None and accelerator.is_main_process:
+        chosen[0] = str(Path(cfg.run.root) / f"{cfg.run.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    if accelerator.num_processes > 1:
+        broadcast_object_list(chosen, from_process=0)
+    return Path(chosen[0])
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_files(run_dir: Path, cfg: Config, accelerator) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    versions = {}
+    for pkg in ("torch", "accelerate", "deepspeed", "transformers", "webdataset", "numpy", "omegaconf"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    meta = {
+        "command": [sys.executable, *sys.argv],
+        "launcher_env": {k: os.environ[k] for k in ("ACCELERATE_CONFIG_FILE", "SLURM_JOB_ID", "MASTER_ADDR", "MASTER_PORT") if k in os.environ},
+        "git_commit": git_commit(),
+        "versions": versions,
+        "python": platform.python_version(),
+        "world_size": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "mixed_precision": accelerator.mixed_precision,
+        "started": datetime.now().isoformat(timespec="seconds"),
+    }
+    (run_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def data_config(cfg: Config, split: str) -> DataConfig:
+    d = cfg.data
+    return DataConfig(
+        shards=d.shards, split=split, batch_size=cfg.train.batch_size, num_workers=d.num_workers,
+        min_len=d.min_len, max_len=d.max_len, shuffle_buffer=d.shuffle_buffer, seed=cfg.seed,
+        strict=d.strict, max_text_len=d.max_text_len,
+    )
+
+
+def build_optimizer(model, cfg: Config, total_steps: int):
+    t = cfg.train
+    groups = model.param_groups(lr=t.lr, lm_lr=t.lm_lr, weight_decay=t.weight_decay, include_frozen_lm=cfg.model.finetune_lm)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    base = lr_multiplier(t.schedule, total_steps, t.lr_warmup_steps, t.decay_steps, t.decay_factor)
+    lambdas = [gated(base, cfg.model.lm_unfreeze_step) if g["name"] == "lm" else base for g in groups]
+    # An LM unfrozen later keeps weight decay off until then: AdamW decays even at lr 0? No:
+    # decoupled decay is lr * wd, so lr 0 leaves the weights untouched.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    return optimizer, scheduler
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config_path, overrides = split_argv(sys.argv[1:] if argv is None else argv)
+    if config_path is None:
+        config_path = str(DEFAULT_CONFIG)
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as err:
+        print(f"rehamot: {err}", file=sys.stderr)
+        return 2
+    try:
+        manifest = load_manifest(cfg.data.shards)
+    except FileNotFoundError as err:
+        print(f"rehamot: {err}\n(or run `make demo`, which builds the demo shards and trains)", file=sys.stderr)
+        return 2
+    return Trainer(cfg, manifest).run()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, manifest: dict[str, Any]):
+        from accelerate.utils import set_seed
+
+        self.cfg, self.manifest = cfg, manifest
+        self.acc = build_accelerator(cfg)
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        set_seed(cfg.seed)
+        self.run_dir = choose_run_dir(cfg, self.acc)
+        cfg.run.dir = str(self.run_dir)
+        if self.acc.is_main_process:
+            write_run_files(self.run_dir, cfg, self.acc)
+        self.acc.wait_for_everyone()
+
+        self.tokenizer = build_tokenizer(cfg)
+        self.stream = TrainStream(data_config(cfg, cfg.data.train_split), self.tokenizer, self.rank, self.world)
+        self.steps_per_epoch = self.stream.steps_per_epoch
+        total = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+        model = build_model(cfg, feature_dim=int(manifest["feature_dim"]))
+        optimizer, scheduler = build_optimizer(model, cfg, self.total_steps)
+        self.model, self.optimizer, self.scheduler = self.acc.prepare(model, optimizer, scheduler)
+        self.objective = GlobalBatchObjective(
+            LossConfig(
+                name=cfg.loss.name, margin=cfg.loss.margin, threshold_motion=cfg.loss.threshold_motion,
+                threshold_text=cfg.loss.threshold_text, threshold_mode=cfg.loss.threshold_mode,
+                chunk_size=cfg.loss.chunk_size, warmup_steps=cfg.loss.warmup_steps,
+                warmup_epochs=cfg.loss.warmup_epochs, warmup_loss=cfg.loss.warmup_loss,
+            ),
+        )
+        self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.best_rsum = -math.inf
+        self.inject_nan = int(os.environ.get(INJECT_NAN_ENV, "-1"))
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def position(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "world_size": self.world, "seed": self.cfg.seed, "batch_size": self.cfg.train.batch_size,
+            "best_rsum": self.best_rsum if math.isfinite(self.best_rsum) else None,
+        }
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.run_dir, self.step, self.position(), self.acc.save_state, self.acc.wait_for_everyone,
+            self.acc.is_main_process, keep=self.cfg.train.keep_checkpoints,
+        )
+
+    def maybe_resume(self) -> None:
+        path = ckpt.resolve_resume(self.cfg.resume, self.run_dir)
+        if path is None:
+            return
+        pos = ckpt.read_position(path)
+        if pos["world_size"] != self.world or pos["batch_size"] != self.cfg.train.batch_size:
+            raise SystemExit(
+                f"resume from {path}: it was written with world_size={pos['world_size']} and "
+                f"batch_size={pos['batch_size']}, this launch has {self.world} and {self.cfg.train.batch_size}. "
+                "The data order and the global batch depend on both; relaunch with the same world size "
+                "and batch size (or start a new run from the exported bundle)."
+            )
+        self.acc.load_state(str(path))
+        self.step, self.epoch, self.step_in_epoch = pos["step"], pos["epoch"], pos["step_in_epoch"]
+        self.best_rsum = pos["best_rsum"] if pos["best_rsum"] is not None else -math.inf
+        if self.acc.is_main_process:
+            print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.step_in_epoch})")
+
+    # -- evaluation and export ----------------------------------------------------------------
+    def export(self, name: str, extra: dict[str, Any]) -> None:
+        state = self.acc.get_state_dict(self.model)  # gathers ZeRO-3 shards; call on every rank
+        if self.acc.is_main_process:
+            unwrapped = self.acc.unwrap_model(self.model)
+            export_bundle(self.run_dir / name, state, unwrapped.text.fingerprint(), self.cfg, self.manifest, extra)
+        self.acc.wait_for_everyone()
+
+    def validate(self) -> None:
+        split = self.cfg.data.val_split
+        if split not in self.manifest["splits"]:
+            return
+        eval_set = EvalSet(data_config(self.cfg, split), self.rank, self.world)
+        results = evaluate_model(self.acc.unwrap_model(self.model), eval_set, self.tokenizer, self.acc.device,
+                                 batch_size=self.cfg.train.eval_batch_size, protocols=("captions",))
+        metrics = results["captions"]
+        record = {"step": self.step, "epoch": self.epoch, **{f"val/{k}": v for k, v in metrics.items()}}
+        self.log.write(record)
+        if metrics["rsum"] > self.best_rsum:
+            self.best_rsum = metrics["rsum"]
+            self.export("best", {"step": self.step, "val": metrics})
+
+    # -- the loop -----------------------------------------------------------------------------
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
+        model = self.model
+        inputs = to_device(batch, self.acc.device)
+        with self.acc.autocast():
+            motion_emb, text_emb = model(inputs)
+        unwrapped = self.acc.unwrap_model(model)
+        out = self.objective(motion_emb.float(), text_emb.float(), inputs["motion_index"],
+                             step=self.step, epoch=self.epoch, logit_scale=unwrapped.logit_scale)
+        loss = out.loss + 0.0 * unwrapped.logit_scale.sum()  # the temperature always gets a gradient (DDP)
+        if self.step == self.inject_nan:
+            loss = loss + float("nan")
+        flags = {
+            "nonfinite": torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0),
+            "preempt": torch.tensor(1.0 if (self.run_dir / PREEMPT_MARKER).exists() else 0.0),
+            "bad_samples": torch.tensor(float(batch.get("bad_samples", 0))),
+        }
+        stats = dist_utils.reduce_sum_dict({**out.stats, **flags}, self.acc.device)  # ONE all-reduce
+        if stats["nonfinite"] > 0:
+            if self.cfg.train.nonfinite == "stop":
+                raise FloatingPointError(f"non-finite loss at step {self.step} on {stats['nonfinite']:.0f} rank(s); stopping (train.nonfinite=stop)")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            return {**stats, "skipped": 1.0, "loss_name": out.loss_name}
+        self.acc.backward(loss)
+        if self.cfg.train.grad_clip > 0 and self.acc.sync_gradients and self.acc.distributed_type.value != "DEEPSPEED":
+            self.acc.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_embeddings = (motion_emb.detach().float(), text_emb.detach().float())
+        return {**stats, "skipped": 0.0, "loss_name": out.loss_name}
+
+    def run(self) -> int:
+        cfg, acc = self.cfg, self.acc
+        self.maybe_resume()
+        self.skipped_steps = 0
+        self.log = RunLog(self.run_dir, self.total_steps, self.step) if acc.is_main_process else NullLog()
+        val_every = cfg.train.val_every or self.steps_per_epoch
+        save_every = cfg.train.save_every or self.steps_per_epoch
+        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        preempted = False
+        try:
+            while self.step < self.total_steps and not preempted:
+                loader = self.stream.loader(self.epoch, start_step=self.step_in_epoch)
+                it = iter(loader)
+                while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+                    t0 = time.perf_counter()
+                    batch = next(it)
+                    data_wait += time.perf_counter() - t0
+                    stats = self.train_step(batch)
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    window_steps += 1
+                    record = None
+                    if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        record = self.record(stats, window_steps, elapsed, data_wait)
+                        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+                    self.log.step(self.step, record)
+                    if stats["preempt"] > 0:
+                        preempted = True
+                        break
+                    if self.step_in_epoch == self.steps_per_epoch:
+                        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    if self.step % val_every == 0:
+                        self.validate()
+                    if self.step % save_every == 0 and self.step < self.total_steps:
+                        self.save()
+                if self.step_in_epoch == self.steps_per_epoch:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            final_ckpt = self.save()
+            if preempted:
+                self.log.print(f"preemption marker seen: saved {final_ckpt} at step {self.step}; exiting for requeue")
+                return 0
+            if self.step % val_every != 0:
+                self.validate()
+            self.export("final", {"step": self.step})
+            self.finish()
+        finally:
+            self.log.close()
+        return 0
+
+    def record(self, stats: dict[str, Any], steps: int, elapsed: float, data_wait: float) -> dict[str, Any]:
+        groups = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}
+        anchors = max(stats["anchors"], 1.0)
+        return {
+            "step": self.step, "epoch": self.epoch,
+            "loss": stats["loss_sum"] / anchors, "loss_name": stats["loss_name"],
+            **groups,
+            "samples_per_s": steps * self.cfg.train.batch_size * self.world / max(elapsed, 1e-9),
+            "data_wait_s": data_wait / max(steps, 1),
+            "global_batch": int(stats["global_batch"]),
+            "dropped_negatives": stats["dropped"],
+            "skipped_steps": self.skipped_steps,
+            "bad_samples": stats["bad_samples"],
+        }
+
+    def finish(self) -> None:
+        """Test-split evaluation of the best bundle, plots, the DONE marker."""
+        from rehamot.export import find_bundle, load_bundle
+
+        cfg, acc = self.cfg, self.acc
+        acc.wait_for_everyone()
+        bundle = find_bundle(self.run_dir)
+        model, _, info = load_bundle(bundle, device=acc.device)
+        eval_set = EvalSet(data_config(cfg, cfg.data.test_split), self.rank, self.world)
+        results = evaluate_model(model, eval_set, self.tokenizer, acc.device,
+                                 batch_size=cfg.train.eval_batch_size, protocols=("captions",))
+        if acc.is_main_process:
+            payload = {"split": cfg.data.test_split, "bundle": bundle.name, "step": info.get("step"), "protocols": results}
+            (self.run_dir / f"eval-{cfg.data.test_split}.json").write_text(json.dumps(payload, indent=1))
+            from rehamot.plots import plot_similarity, plot_training_curves
+
+            plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png")
+            if getattr(self, "last_embeddings", None) is not None:
+                m, t = self.last_embeddings
+                plot_similarity((m @ t.T).cpu().numpy(), self.run_dir / "batch_similarity.png")
+            self.log.close()
+            print_results(results, title=f"{cfg.data.test_split} split ({bundle.name} checkpoint, step {info.get('step')})")
+            (self.run_dir / DONE_MARKER).write_text(f"{self.step}\n")
+        acc.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
