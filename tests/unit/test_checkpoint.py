@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from rehamot import checkpoint as ckpt
+from rehamot.lr_schedule import gated, lr_multiplier
+
+
+def _fake_state(payload: str):
+    def save_state(path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "state.txt"), "w") as f:
+            f.write(payload)
+    return save_state
+
+
+def _save(run_dir, step, keep=2):
+    return ckpt.save_checkpoint(run_dir, step, {"step": step}, _fake_state(f"s{step}"), lambda: None, True, keep=keep)
+
+
+def test_save_latest_and_keep_last_k(tmp_path):
+    for step in (10, 20, 30):
+        _save(tmp_path, step)
+    names = [p.name for p in ckpt.complete_checkpoints(tmp_path)]
+    assert names == ["step-00000020", "step-00000030"]
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest.name == "step-00000030"
+    assert ckpt.read_position(latest) == {"step": 30}
+    assert ckpt.resolve_resume("latest", tmp_path) == latest
+    assert ckpt.resolve_resume(str(tmp_path), tmp_path / "elsewhere") == latest
+
+
+def test_latest_without_checkpoint_starts_fresh(tmp_path):
+    assert ckpt.resolve_resume("latest", tmp_path) is None
+    assert ckpt.resolve_resume(None, tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ckpt.resolve_resume(str(tmp_path / "missing"), tmp_path)
+
+
+def test_killed_save_leaves_previous_checkpoint_usable(tmp_path):
+    """kill -9 in the middle of a save: the partial folder is ignored, `latest` still works."""
+    _save(tmp_path, 10)
+    script = textwrap.dedent(f"""
+        import os, time, sys
+        sys.path.insert(0, {str(ckpt.__file__.rsplit('/rehamot/', 1)[0])!r})
+        from rehamot import checkpoint as ckpt
+        def slow_save(path):
+            os.makedirs(path, exist_ok=True)
+            open(os.path.join(path, "state.txt"), "w").write("half")
+            print("writing", flush=True)
+            time.sleep(60)
+        ckpt.save_checkpoint({str(tmp_path)!r}, 20, {{"step": 20}}, slow_save, lambda: None, True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (tmp_path / "checkpoints" / "step-00000020.partial").is_dir()
+    latest = ckpt.resolve_resume("latest", tmp_path)
+    assert latest.name == "step-00000010"
+    assert (latest / "state.txt").read_text() == "s10"
+    # the next save clears the stale partial folder
+    _save(tmp_path, 30)
+    assert not (tmp_path / "checkpoints" / "step-00000020.partial").exists()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000030"
+
+
+def test_lr_schedules():
+    step = lr_multiplier("step", 100, warmup_steps=0, decay_steps=[30, 60], decay_factor=0.1)
+    assert [step(s) for s in (0, 29, 30, 59, 60)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    cos = lr_multiplier("cosine", 110, warmup_steps=10)
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    assert cos(60) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0)
+    lm = gated(lr_multiplier("constant", 10), open_at=5)
+    assert [lm(s) for s in (0, 4, 5)] == [0.0, 0.0, 1.0]
