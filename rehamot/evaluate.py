@@ -20,11 +20,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from rehamot import distributed as dist_utils
 from rehamot.data.pipeline import EvalSet
-from rehamot.metrics import PROTOCOLS, evaluate_protocols
+from rehamot.metrics import PROTOCOLS, evaluate_protocols, format_table
 
 
 @torch.no_grad()
@@ -67,19 +66,8 @@ def evaluate_model(model, eval_set: EvalSet, tokenizer, device, batch_size: int 
                               protocols=tuple(protocols), **protocol_kwargs)
 
 
-def results_table(results: dict[str, dict[str, float]], title: str = "") -> Table:
-    table = Table(title=title)
-    for col in ("protocol", "direction", "R@1", "R@5", "R@10", "MedR"):
-        table.add_column(col, justify="right" if col not in ("protocol", "direction") else "left")
-    for protocol, metrics in results.items():
-        for direction, label in (("t2m", "text→motion"), ("m2t", "motion→text")):
-            table.add_row(protocol, label, *(f"{metrics.get(f'{direction}/{k}', float('nan')):.2f}" for k in ("R@1", "R@5", "R@10")),
-                          f"{metrics.get(f'{direction}/MedR', float('nan')):.1f}")
-    return table
-
-
 def print_results(results: dict[str, dict[str, float]], title: str = "", console: Console | None = None) -> None:
-    (console or Console()).print(results_table(results, title))
+    (console or Console()).print(format_table(results, title=title))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

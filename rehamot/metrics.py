@@ -204,9 +204,8 @@ def _mean_over(per_batch: Sequence[Mapping[str, float]]) -> dict[str, float]:
 # --------------------------------------------------------------------------- nsim id lists
 
 
-def _read_id_list(path: Path) -> list[str]:
-    ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    return [i for i in ids if i]
+def _parse_ids(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def nsim_ids(corpus: str | PathLike[str]) -> list[str]:
@@ -214,10 +213,10 @@ def nsim_ids(corpus: str | PathLike[str]) -> list[str]:
     name = str(corpus)
     if name in NSIM_CORPORA:
         packaged = resources.files("rehamot.protocols").joinpath(f"{name}-nsim_test.txt")
-        return [i for i in (line.strip() for line in packaged.read_text(encoding="utf-8").splitlines()) if i]
+        return _parse_ids(packaged.read_text(encoding="utf-8"))
     path = Path(name)
     if path.is_file():
-        return _read_id_list(path)
+        return _parse_ids(path.read_text(encoding="utf-8"))
     raise ValueError(
         f"unknown nsim list {name!r}: give a corpus name ({', '.join(NSIM_CORPORA)}) "
         "or the path of a file with one motion id per line"
@@ -301,13 +300,19 @@ def evaluate_protocols(
         raise ValueError(f"motion_ids must be {num_motions} distinct ids, one per motion")
     first = _first_captions(owners, num_motions, first_caption)
     first_text = captions[first]  # TMR evaluates one caption per motion: its first
+    first_sims: list[np.ndarray] = []  # computed once, shared by tmr-all and tmr-threshold
+
+    def all_first_sims() -> np.ndarray:
+        if not first_sims:
+            first_sims.append(first_text @ motions.T)
+        return first_sims[0]
 
     results: dict[str, dict[str, float]] = {}
     for protocol in dict.fromkeys(protocols):  # keep order, drop repeats
         if protocol == "captions":
             results[protocol] = retrieval_metrics(captions @ motions.T, owners)
         elif protocol == "tmr-all":
-            results[protocol] = tmr_metrics(first_text @ motions.T)
+            results[protocol] = tmr_metrics(all_first_sims())
         elif protocol == "tmr-threshold":
             if sentence_emb is None:
                 raise ValueError("protocol tmr-threshold needs sentence_emb (C, d) of the captions")
@@ -315,7 +320,7 @@ def evaluate_protocols(
             if sentences.ndim != 2 or sentences.shape[0] != captions.shape[0]:
                 raise ValueError(f"sentence_emb must have one row per caption ({captions.shape[0]})")
             name = threshold_protocol_name(sentence_model_name, threshold)
-            results[name] = tmr_metrics(first_text @ motions.T, sentences[first], threshold)
+            results[name] = tmr_metrics(all_first_sims(), sentences[first], threshold)
         elif protocol == "tmr-nsim":
             subset = _nsim_indices(nsim_ids, ids)
             results[protocol] = tmr_metrics(first_text[subset] @ motions[subset].T)
