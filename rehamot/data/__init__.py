@@ -1,0 +1,30 @@
+"""Shard contract and streaming data pipeline.
+
+Never imports rehamot.models: the tokenizer is passed in. The re-exports below load lazily
+(PEP 562), so `import rehamot.data.schema` (what shards/ uses) does not pull in torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "collate": ("collate_pairs", "motion_index", "pad_motions", "tokenize"),
+    "eval_set": ("EvalCaption", "EvalSet"),
+    "motion": ("eval_crop", "normalize", "random_crop", "random_window", "window_bounds"),
+    "pipeline": ("DataConfig", "SlotStream", "TrainStream", "preflight"),
+    "plan": ("Segment", "SlotPlan", "plan_epoch", "shard_order", "steps_per_epoch"),
+    "reading": ("BadSampleError", "read_manifest"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

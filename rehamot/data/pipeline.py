@@ -1,0 +1,242 @@
+"""The training stream: WebDataset shards -> (motion window, one caption) -> collated batches.
+
+One slot (a rank's loader worker) streams its planned shard segments (plan.py), decodes and
+validates each sample (bad ones are skipped, counted, logged), mixes them in a seeded shuffle
+buffer, then crops, normalises, draws a caption, batches B and tokenises, stopping exactly at
+its quota of batches. The data order is a pure function of (seed, epoch, rank, worker):
+
+- the shard permutation is seeded by (seed, epoch) and cut into slots rank-major (plan.py);
+- the shuffle buffer's RNG is seeded by (seed, epoch, rank, worker);
+- the crop and caption of the k-th sample a slot emits come from an RNG seeded by
+  (seed, epoch, rank, worker, k), so `loader(epoch, start_step=s)` can skip the first batches
+  without cropping, normalising or tokenising them and still emit the same later batches.
+  (Skipped samples are still read from the tar and decoded: whether a sample is bad, and
+  therefore where the stream stands, is only known after decoding. That is most of a sample's
+  cost, so resuming at mid-epoch costs about half an epoch of one slot's reading; cropping,
+  normalising, collating and tokenising are what is skipped.)
+
+Bad samples: a bad sample is dropped before the shuffle buffer; its slot refills its quota by
+reading its own range again from the start (so one bad sample costs one repeated motion, and
+the step count never changes). `batch["bad_samples"]` carries the number of bad samples the
+worker met since its previous batch (a truncated shard counts every sample it lost).
+`strict=True` raises BadSampleError naming the shard and key instead.
+
+Resuming needs the same (shards, seed, world_size, batch_size, num_workers).
+Do not pass these loaders through accelerator.prepare: it would re-split or re-shard them.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from rehamot.data import schema
+from rehamot.data.collate import Tokenizer, collate_pairs
+from rehamot.data.motion import normalize, random_crop
+from rehamot.data.plan import SlotPlan, plan_epoch, steps_per_epoch
+from rehamot.data.reading import (
+    BadSample,
+    BadSampleError,
+    RateLimitedWarning,
+    decode_sample,
+    is_url,
+    log,
+    member_url,
+    read_manifest,
+    read_segment,
+    split_shards,
+)
+
+
+@dataclass
+class DataConfig:
+    shards: str  # directory or URL prefix holding manifest.json and the tars it names
+    split: str = "train"
+    batch_size: int = 32  # per rank
+    num_workers: int = 2  # loader worker processes per rank (0: read in the main process)
+    min_len: int | None = None  # shortest random window; None: min(T, max_len), no shortening
+    max_len: int = 196  # frames; longer motions are cropped (training: random, eval: first)
+    shuffle_buffer: int = 1000  # samples held per worker for shuffling; 0 or 1: no shuffle
+    seed: int = 1234
+    strict: bool = False  # raise on a bad sample instead of skipping it
+    max_text_len: int = 64  # tokens
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 0 or self.seed < 0 or self.max_len < 1:
+            raise ValueError(f"invalid DataConfig: {self}")
+        if self.min_len is not None and not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"min_len must lie in [1, max_len={self.max_len}], got {self.min_len}")
+
+
+def preflight(*, split: str, num_shards: int, num_samples: int, world_size: int,
+              num_workers: int, batch_size: int) -> None:
+    """Fail early with the numbers (webdataset alone would only say "No samples found")."""
+    readers = world_size * max(num_workers, 1)
+    if num_shards < readers:
+        raise ValueError(
+            f"split {split!r} has {num_shards} shards, fewer than the {readers} readers "
+            f"({world_size} ranks x {max(num_workers, 1)} loader workers) that each need one: "
+            f"use num_workers <= {max(num_shards // world_size, 0)} or rebuild the shards smaller "
+            f"(shards/make_shards.py --shard-mb)")
+    if steps_per_epoch(num_samples, world_size, batch_size) < 1:
+        raise ValueError(
+            f"split {split!r} has {num_samples} samples, fewer than one global batch of "
+            f"{world_size} ranks x {batch_size} = {world_size * batch_size}")
+
+
+class TrainStream:
+    """The training data of one rank. `steps_per_epoch` is the same on every rank."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
+        self.manifest = read_manifest(cfg.shards)
+        records = split_shards(self.manifest, cfg.split)
+        self.shard_urls = [member_url(cfg.shards, r["path"]) for r in records]
+        self.shard_sizes = [int(r["samples"]) for r in records]
+        self.num_samples = sum(self.shard_sizes)
+        self.feature_dim = int(self.manifest["feature_dim"])
+        self.mean, self.std = schema.mean_std(self.manifest)
+        preflight(split=cfg.split, num_shards=len(records), num_samples=self.num_samples,
+                  world_size=world_size, num_workers=cfg.num_workers, batch_size=cfg.batch_size)
+        if not is_url(cfg.shards):
+            missing = [u for u in self.shard_urls if not Path(u).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{len(missing)} shard(s) named in the manifest are "
+                                        f"missing, e.g. {missing[0]}")
+        self.steps_per_epoch = steps_per_epoch(self.num_samples, world_size, cfg.batch_size)
+
+    def plan(self, epoch: int) -> list[SlotPlan]:
+        """This rank's slot plans (one per loader worker) for an epoch."""
+        plans = plan_epoch(self.shard_sizes, seed=self.cfg.seed, epoch=epoch,
+                           world_size=self.world_size, num_workers=self.cfg.num_workers,
+                           batch_size=self.cfg.batch_size)
+        return [p for p in plans if p.rank == self.rank]
+
+    def dataset(self, epoch: int, start_step: int = 0) -> SlotStream:
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
+        return SlotStream(self, epoch, start_step)
+
+    def loader(self, epoch: int, start_step: int = 0) -> DataLoader:
+        """Yields exactly steps_per_epoch - start_step full batches, in step order."""
+        workers = self.cfg.num_workers
+        if workers:
+            # A fast tokenizer used before the fork would otherwise warn in every worker.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return DataLoader(self.dataset(epoch, start_step), batch_size=None, num_workers=workers,
+                          prefetch_factor=2 if workers else None, persistent_workers=False)
+
+
+class SlotStream(IterableDataset):
+    """The batches of one rank in one epoch; each loader worker streams its own slot."""
+
+    def __init__(self, stream: TrainStream, epoch: int, start_step: int) -> None:
+        super().__init__()
+        self.stream, self.epoch, self.start_step = stream, epoch, start_step
+        self.slots = stream.plan(epoch)
+
+    def __len__(self) -> int:
+        return self.stream.steps_per_epoch - self.start_step
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        loader_worker = 0 if info is None else info.id
+        # The DataLoader asks its workers round-robin from worker 0, but step start_step belongs
+        # to slot start_step % nw: rotate so that loader worker 0 serves that slot.
+        slot = self.slots[(loader_worker + self.start_step) % len(self.slots)]
+        return _SlotReader(self.stream, self.epoch, slot, self.start_step).batches()
+
+
+class _SlotReader:
+    def __init__(self, stream: TrainStream, epoch: int, slot: SlotPlan, start_step: int) -> None:
+        self.stream, self.cfg, self.epoch, self.slot = stream, stream.cfg, epoch, slot
+        self.seed_key = [self.cfg.seed, epoch, slot.rank, slot.worker]
+        self.skip_batches = sum(1 for b in slot.batches if b < start_step)
+        self.bad_since_batch = 0
+        self.warn = RateLimitedWarning(log)
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        cfg, size = self.cfg, self.cfg.batch_size
+        quota = len(self.slot.batches) * size
+        samples = itertools.islice(self._good_samples(), quota)
+        if cfg.shuffle_buffer > 1:
+            rng = random.Random("rehamot/buffer/" + "/".join(map(str, self.seed_key)))
+            samples = _shuffle(samples, cfg.shuffle_buffer, rng)
+        items = []
+        for counter, (meta, motion) in enumerate(samples):
+            if counter < self.skip_batches * size:
+                continue  # resuming: the stream position is all that matters here
+            items.append(self._item(counter, meta, motion))
+            if len(items) == size:
+                step = self.slot.batches[counter // size]
+                batch = collate_pairs(items, self.stream.tokenizer, cfg.max_text_len)
+                batch["step"], batch["bad_samples"] = step, self.bad_since_batch
+                self.bad_since_batch, items = 0, []
+                yield batch
+
+    def _item(self, counter: int, meta: dict[str, Any], motion: np.ndarray) -> dict[str, Any]:
+        rng = np.random.default_rng([*self.seed_key, counter])
+        caption = meta["captions"][int(rng.integers(len(meta["captions"])))]
+        window = random_crop(motion, self.cfg.min_len, self.cfg.max_len, rng)
+        return {"motion": normalize(window, self.stream.mean, self.stream.std),
+                "id": meta["id"], "caption_id": caption["caption_id"], "text": caption["text"]}
+
+    def _good_samples(self) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+        """The slot's decoded samples, its range read again from the start while the quota
+        is not met (only bad samples make it short); the caller stops at the quota."""
+        while True:
+            good = 0
+            for segment in self.slot.segments:
+                url = self.stream.shard_urls[segment.shard]
+                for meta, motion in self._segment_samples(url, segment.first, segment.stop):
+                    good += 1
+                    yield meta, motion
+            if good == 0:
+                raise RuntimeError(f"rank {self.slot.rank} worker {self.slot.worker}: no usable "
+                                   f"sample in its {self.slot.num_samples} planned samples")
+
+    def _segment_samples(self, url: str, first: int, stop: int
+                         ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+        raws, seen = read_segment(url, first, stop), 0
+        while True:
+            try:
+                raw = next(raws)
+            except StopIteration:
+                break
+            except Exception as exn:  # truncated or unreadable tar: the rest is lost
+                self._bad(url, f"samples {first + seen}..{stop - 1}", f"shard unreadable: {exn!r}",
+                          stop - first - seen)
+                return
+            seen += 1
+            try:
+                decoded = decode_sample(raw, self.stream.feature_dim)
+            except BadSample as exn:
+                self._bad(url, raw.get("__key__"), str(exn), 1)
+                continue
+            yield decoded
+        if seen < stop - first:
+            self._bad(url, f"samples {first + seen}..{stop - 1}",
+                      "shard has fewer samples than its manifest says", stop - first - seen)
+
+    def _bad(self, url: str, where: Any, reason: str, count: int) -> None:
+        message = f"bad sample in {url}, {where}: {reason}"
+        if self.cfg.strict:
+            raise BadSampleError(message)
+        self.bad_since_batch += count
+        self.warn(f"skipped {count} {message}")
+
+
+def _shuffle(samples: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    """webdataset's sample shuffle buffer, with our own seeded RNG."""
+    return wds.shuffle(bufsize=bufsize, initial=min(bufsize, 100), rng=rng)(iter(samples))

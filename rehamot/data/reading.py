@@ -1,0 +1,175 @@
+"""Reading a shard set: manifest (local dir or URL prefix), shard segments, sample validation.
+
+Everything is decoded with schema.decode_motion / decode_meta (never pickle); webdataset's own
+decoders are not used.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext
+
+from rehamot.data import schema
+
+log = logging.getLogger("rehamot.data")
+
+
+class BadSample(Exception):
+    """A sample that cannot be used (corrupt member, wrong shape, bad JSON, ...)."""
+
+
+class BadSampleError(RuntimeError):
+    """Raised instead of skipping in strict mode; names the shard and the sample key."""
+
+
+def is_url(location: str) -> bool:
+    return "://" in location
+
+
+def member_url(location: str, name: str) -> str:
+    """`name` inside a shard location: a local directory or a URL prefix (http, gs, hf, ...)."""
+    if is_url(location):
+        return location.rstrip("/") + "/" + name
+    return str(Path(location) / name)
+
+
+def read_manifest(location: str) -> dict[str, Any]:
+    if not is_url(location):
+        return schema.load_manifest(location)
+    url = member_url(location, schema.MANIFEST_NAME)
+    with wds.gopen(url, "rb") as stream:
+        manifest = json.loads(stream.read().decode("utf-8"))
+    if manifest.get("format_version") != schema.FORMAT_VERSION:
+        raise ValueError(f"{url}: format_version {manifest.get('format_version')!r}, "
+                         f"this rehamot reads {schema.FORMAT_VERSION}")
+    return manifest
+
+
+def split_shards(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
+    """The manifest's shard records [{path, samples, ...}] of one split, in manifest order."""
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ValueError(f"split {split!r} is not in the manifest (it has {sorted(splits)})")
+    return list(splits[split]["shards"])
+
+
+class _MemberFilter:
+    """select_files predicate for tar_file_iterator: members of the samples wanted, read
+    without touching the data of the others (their bytes are skipped, never decoded).
+
+    Drops the first `skip` samples (a segment starting inside a shard), samples whose key
+    `want_key` rejects, and members whose extension is not in `members` (when given).
+    """
+
+    def __init__(self, skip: int = 0, members: frozenset[str] | None = None,
+                 want_key: Callable[[str], bool] | None = None) -> None:
+        self.skip, self.members, self.want_key = skip, members, want_key
+        self.seen, self.last = 0, None
+
+    def __call__(self, fname: str) -> bool:
+        key, ext = base_plus_ext(fname)
+        if key is None:
+            return False
+        if key != self.last:
+            self.last, self.seen = key, self.seen + 1
+        if self.seen <= self.skip or (self.members is not None and ext not in self.members):
+            return False
+        return self.want_key is None or self.want_key(key)
+
+
+def read_segment(url: str, first: int = 0, stop: int | None = None
+                 ) -> Iterator[dict[str, Any]]:
+    """Raw samples {__key__, __url__, member: bytes} at positions [first, stop) of one shard.
+
+    Errors of the tar itself (missing file, truncation) propagate: the caller decides whether
+    the rest of the segment is lost or fatal.
+    """
+    samples = wds.tarfile_samples(iter([{"url": url}]), select_files=_MemberFilter(skip=first))
+    with closing(samples):
+        for position, raw in enumerate(samples, start=first):
+            if stop is not None and position >= stop:
+                return
+            yield raw
+
+
+def read_members(url: str, members: frozenset[str] | None = None,
+                 want_key: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of a whole shard restricted to some members and/or keys (the data of the
+    others is skipped unread). A sample with none of the members is not yielded."""
+    samples = wds.tarfile_samples(iter([{"url": url}]),
+                                  select_files=_MemberFilter(members=members, want_key=want_key))
+    with closing(samples):
+        yield from samples
+
+
+def decode_sample(raw: dict[str, Any], feature_dim: int) -> tuple[dict[str, Any], np.ndarray]:
+    """(meta, motion) of a raw sample, or BadSample saying what is wrong with it."""
+    if schema.MOTION_MEMBER not in raw:
+        raise BadSample(f"no .{schema.MOTION_MEMBER} member")
+    return decode_meta_member(raw), decode_motion_member(raw[schema.MOTION_MEMBER], feature_dim)
+
+
+def decode_meta_member(raw: dict[str, Any]) -> dict[str, Any]:
+    """The sample's JSON, checked: its id is the key and it has usable captions."""
+    if schema.META_MEMBER not in raw:
+        raise BadSample(f"no .{schema.META_MEMBER} member")
+    try:
+        meta = schema.decode_meta(raw[schema.META_MEMBER])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise BadSample(f"unreadable json: {exn}") from exn
+    if not isinstance(meta, dict) or meta.get("id") != raw.get("__key__"):
+        found = meta.get("id") if isinstance(meta, dict) else None
+        raise BadSample(f"json id {found!r} differs from the key")
+    captions = meta.get("captions")
+    if not isinstance(captions, list) or not captions or not all(
+        isinstance(c, dict) and isinstance(c.get("caption_id"), str)
+        and isinstance(c.get("text"), str) and c["text"].strip() for c in captions
+    ):
+        raise BadSample("json has no usable captions")
+    return meta
+
+
+def decode_motion_member(data: bytes, feature_dim: int) -> np.ndarray:
+    """The (T, F) float motion, checked for shape and finite values."""
+    try:
+        motion = schema.decode_motion(data)
+    except Exception as exn:  # whatever a malformed .npy raises (it is never unpickled)
+        raise BadSample(f"unreadable motion.npy: {exn}") from exn
+    if motion.ndim != 2 or motion.shape[0] < 1 or motion.shape[1] != feature_dim:
+        raise BadSample(f"motion shape {motion.shape}, expected (T>=1, {feature_dim})")
+    if motion.dtype.kind != "f":
+        raise BadSample(f"motion dtype {motion.dtype}, expected float")
+    if not np.isfinite(motion).all():
+        raise BadSample("motion contains NaN or inf")
+    return motion
+
+
+class RateLimitedWarning:
+    """logger.warning for the first `first` messages, then at most one per `every_s` seconds,
+    saying how many were suppressed (a corrupt shard must not flood the log)."""
+
+    def __init__(self, logger: logging.Logger, first: int = 5, every_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger, self.first, self.every_s, self.clock = logger, first, every_s, clock
+        self.calls, self.suppressed, self.last = 0, 0, float("-inf")
+
+    def __call__(self, message: str) -> bool:
+        """Returns whether the message was logged."""
+        self.calls += 1
+        now = self.clock()
+        if self.calls > self.first and now - self.last < self.every_s:
+            self.suppressed += 1
+            return False
+        if self.suppressed:
+            message += f" ({self.suppressed} similar messages suppressed)"
+        self.logger.warning(message)
+        self.last, self.suppressed = now, 0
+        return True
