@@ -34,7 +34,7 @@ class DataSection:
     val_split: str = "val"
     test_split: str = "test"
     num_workers: int = 1
-    min_len: int = 40  # training crop window, frames
+    min_len: Optional[int] = None  # training crop: None = min(T, max_len) frames at a random start
     max_len: int = 196  # training crop window and evaluation cut, frames
     shuffle_buffer: int = 1000
     max_text_len: int = 64

@@ -27,24 +27,19 @@ from rehamot.metrics import PROTOCOLS, evaluate_protocols, format_table
 
 
 @torch.no_grad()
-def encode_split(model, eval_set: EvalSet, tokenizer, device: torch.device, batch_size: int = 128) -> dict[str, Any]:
+def encode_split(model, eval_set: EvalSet, device: torch.device, batch_size: int = 128) -> dict[str, Any]:
     """Unit embeddings of every motion and caption of the split (the same on every rank)."""
     was_training = model.training
     model.eval()
-    num_motions, captions = eval_set.num_motions, eval_set.captions
-    dim = model.embed_dim
-    motion_emb = torch.zeros(num_motions, dim, device=device)
-    for batch, index in eval_set.motion_batches(batch_size):
+    dim = model.motion.cfg.embed_dim
+    motion_emb = torch.zeros(eval_set.num_motions, dim, device=device)
+    for batch in eval_set.motion_batches(batch_size):
         emb = model.encode_motion(batch["motion"].to(device), batch["motion_mask"].to(device))
-        motion_emb[torch.as_tensor(index, device=device)] = emb.float()
-    caption_emb = torch.zeros(len(captions), dim, device=device)
-    mine = list(range(eval_set.rank, len(captions), eval_set.world_size))
-    for start in range(0, len(mine), batch_size):
-        rows = mine[start:start + batch_size]
-        tokens = tokenizer([captions[i][2] for i in rows], padding=True, truncation=True,
-                           max_length=eval_set.cfg.max_text_len, return_tensors="pt")
-        emb = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
-        caption_emb[torch.as_tensor(rows, device=device)] = emb.float()
+        motion_emb[batch["index"].to(device)] = emb.float()
+    caption_emb = torch.zeros(eval_set.num_captions, dim, device=device)
+    for batch in eval_set.caption_batches(batch_size):
+        emb = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        caption_emb[batch["index"].to(device)] = emb.float()
     # Each row was filled by exactly one rank and is zero elsewhere: a sum assembles them.
     motion_emb = dist_utils.all_reduce_sum(motion_emb)
     caption_emb = dist_utils.all_reduce_sum(caption_emb)
@@ -52,16 +47,16 @@ def encode_split(model, eval_set: EvalSet, tokenizer, device: torch.device, batc
     return {
         "motion_emb": motion_emb.cpu().numpy(),
         "caption_emb": caption_emb.cpu().numpy(),
-        "caption_motion": np.asarray([c[1] for c in captions], dtype=np.int64),
-        "motion_ids": list(eval_set.motion_ids),
-        "texts": [c[2] for c in captions],
-        "caption_ids": [c[0] for c in captions],
+        "caption_motion": np.asarray([c.motion for c in eval_set.captions], dtype=np.int64),
+        "motion_ids": list(eval_set.ids),
+        "texts": [c.text for c in eval_set.captions],
+        "caption_ids": [c.caption_id for c in eval_set.captions],
     }
 
 
-def evaluate_model(model, eval_set: EvalSet, tokenizer, device, batch_size: int = 128,
+def evaluate_model(model, eval_set: EvalSet, device, batch_size: int = 128,
                    protocols: Sequence[str] = ("captions",), **protocol_kwargs: Any) -> dict[str, dict[str, float]]:
-    enc = encode_split(model, eval_set, tokenizer, device, batch_size)
+    enc = encode_split(model, eval_set, device, batch_size)
     return evaluate_protocols(enc["motion_emb"], enc["caption_emb"], enc["caption_motion"], enc["motion_ids"],
                               protocols=tuple(protocols), **protocol_kwargs)
 
@@ -91,8 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.shards:
         cfg.data.shards = args.shards
     protocols = PROTOCOLS if args.protocol == "every" else (args.protocol,)
-    eval_set = EvalSet(data_config(cfg, args.split), dist_utils.rank(), dist_utils.world_size())
-    results = evaluate_model(model, eval_set, build_tokenizer(cfg), device, args.batch_size, protocols)
+    eval_set = EvalSet(data_config(cfg, args.split), build_tokenizer(cfg), dist_utils.rank(), dist_utils.world_size())
+    results = evaluate_model(model, eval_set, device, args.batch_size, protocols)
     if dist_utils.rank() == 0:
         out = Path(args.run_dir) / f"eval-{args.split}.json"
         payload = {"split": args.split, "bundle": bundle.name, "step": info.get("step"), "protocols": results}

@@ -35,7 +35,15 @@ def build_model(cfg: Config, feature_dim: int) -> TwoTower:
         max_len=max(512, cfg.data.max_len + 1),
         embed_dim=m.embed_dim,
     )
-    return TwoTower(TwoTowerConfig(motion=motion, text=text_config(cfg)))
+    # The temperature is a parameter only when InfoNCE uses it: an unused trainable parameter
+    # would break DDP, and weight decay would drift it.
+    infonce = "infonce" in (cfg.loss.name, cfg.loss.warmup_loss if _has_warmup(cfg) else None)
+    return TwoTower(TwoTowerConfig(motion=motion, text=text_config(cfg), init_temperature=cfg.loss.temperature,
+                                   learn_temperature=infonce))
+
+
+def _has_warmup(cfg: Config) -> bool:
+    return cfg.loss.warmup_steps > 0 or cfg.loss.warmup_epochs > 0
 
 
 def build_tokenizer(cfg: Config):

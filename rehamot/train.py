@@ -242,8 +242,8 @@ class Trainer:
         split = self.cfg.data.val_split
         if split not in self.manifest["splits"]:
             return
-        eval_set = EvalSet(data_config(self.cfg, split), self.rank, self.world)
-        results = evaluate_model(self.acc.unwrap_model(self.model), eval_set, self.tokenizer, self.acc.device,
+        eval_set = EvalSet(data_config(self.cfg, split), self.tokenizer, self.rank, self.world)
+        results = evaluate_model(self.acc.unwrap_model(self.model), eval_set, self.acc.device,
                                  batch_size=self.cfg.train.eval_batch_size, protocols=("captions",))
         metrics = results["captions"]
         record = {"step": self.step, "epoch": self.epoch, **{f"val/{k}": v for k, v in metrics.items()}}
@@ -260,8 +260,10 @@ class Trainer:
             motion_emb, text_emb = model(inputs)
         unwrapped = self.acc.unwrap_model(model)
         out = self.objective(motion_emb.float(), text_emb.float(), inputs["motion_index"],
-                             step=self.step, epoch=self.epoch, logit_scale=unwrapped.logit_scale)
-        loss = out.loss + 0.0 * unwrapped.logit_scale.sum()  # the temperature always gets a gradient (DDP)
+                             step=self.step, epoch=self.epoch, temperature=unwrapped.temperature())
+        loss = out.loss
+        if unwrapped.logit_scale.requires_grad and out.loss_name != "infonce":
+            loss = loss + 0.0 * unwrapped.logit_scale  # SH warm-up before InfoNCE: DDP needs every grad
         if self.step == self.inject_nan:
             loss = loss + float("nan")
         flags = {
@@ -358,8 +360,8 @@ class Trainer:
         acc.wait_for_everyone()
         bundle = find_bundle(self.run_dir)
         model, _, info = load_bundle(bundle, device=acc.device)
-        eval_set = EvalSet(data_config(cfg, cfg.data.test_split), self.rank, self.world)
-        results = evaluate_model(model, eval_set, self.tokenizer, acc.device,
+        eval_set = EvalSet(data_config(cfg, cfg.data.test_split), self.tokenizer, self.rank, self.world)
+        results = evaluate_model(model, eval_set, acc.device,
                                  batch_size=cfg.train.eval_batch_size, protocols=("captions",))
         if acc.is_main_process:
             payload = {"split": cfg.data.test_split, "bundle": bundle.name, "step": info.get("step"), "protocols": results}
