@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 
 from rehamot import distributed as dist_utils
-from rehamot.data.pipeline import EvalSet
+from rehamot.data import EvalSet
 from rehamot.metrics import PROTOCOLS, evaluate_protocols, format_table
 
 

@@ -343,14 +343,18 @@ _METRIC_ORDER = [f"R@{k}" for k in sorted(set(CAPTIONS_RECALL_KS) | set(TMR_RECA
 
 
 def format_table(results: Mapping[str, Mapping[str, float]], title: str | None = None) -> Table:
-    """One row per protocol, one column per metric present in any of them (2 decimals)."""
-    present = {key for metrics in results.values() for key in metrics}
-    columns = [f"{d}/{m}" for d in ("t2m", "m2t") for m in _METRIC_ORDER if f"{d}/{m}" in present]
-    columns += sorted(present - set(columns))  # rsum and anything else, after the recalls
+    """One row per protocol and direction, one column per metric (2 decimals); fits 80 columns."""
+    present = {key.split("/", 1)[1] for metrics in results.values() for key in metrics if "/" in key}
+    columns = [m for m in _METRIC_ORDER if m in present]
     table = Table(title=title)
     table.add_column("protocol", no_wrap=True)
+    table.add_column("direction", no_wrap=True)
     for column in columns:
         table.add_column(column, justify="right")
+    table.add_column("rsum", justify="right")
     for protocol, metrics in results.items():
-        table.add_row(protocol, *(f"{metrics[c]:.2f}" if c in metrics else "-" for c in columns))
+        for direction, label in (("t2m", "text→motion"), ("m2t", "motion→text")):
+            cells = [f"{metrics[f'{direction}/{c}']:.2f}" if f"{direction}/{c}" in metrics else "-" for c in columns]
+            rsum = f"{metrics['rsum']:.2f}" if "rsum" in metrics and direction == "t2m" else ""
+            table.add_row(protocol if direction == "t2m" else "", label, *cells, rsum)
     return table

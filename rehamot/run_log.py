@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
 class RunLog:
@@ -21,10 +21,9 @@ class RunLog:
         self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self.progress = Progress(
             TextColumn("[bold]train"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
@@ -37,9 +36,9 @@ class RunLog:
         if record is None:
             return
         status = (
-            f"loss {record['loss']:.4f} ({record['loss_name']}) "
-            f"{record['samples_per_s']:.0f} samples/s data {record['data_wait_s'] * 1e3:.0f} ms "
-            f"dropped {record['dropped_negatives']:.0f} lr {record.get('lr/motion', 0.0):.2e}"
+            f"{record['loss_name']} {record['loss']:.3f} | {record['samples_per_s']:.0f}/s "
+            f"| data {record['data_wait_s'] * 1e3:.0f}ms | drop {record['dropped_negatives']:.0f} "
+            f"| lr {record.get('lr/motion', 0.0):.1e}"
         )
         self.progress.update(self.task, status=status)
         self.write(record)

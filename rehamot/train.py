@@ -29,13 +29,13 @@ import torch
 from rehamot import checkpoint as ckpt
 from rehamot import distributed as dist_utils
 from rehamot.config import DEFAULT_CONFIG, Config, ConfigError, load_config, to_yaml
-from rehamot.data.pipeline import DataConfig, EvalSet, TrainStream
+from rehamot.data import DataConfig, EvalSet, TrainStream
 from rehamot.data.schema import load_manifest
 from rehamot.evaluate import evaluate_model, print_results
 from rehamot.export import export_bundle
 from rehamot.lr_schedule import gated, lr_multiplier
 from rehamot.model_factory import build_model, build_tokenizer
-from rehamot.objective import GlobalBatchObjective, LossConfig, scheduled_loss_name
+from rehamot.objective import STATS_KEYS, GlobalBatchObjective, LossConfig, stats_vector, summarize_stats
 from rehamot.run_log import NullLog, RunLog
 
 PREEMPT_MARKER = "PREEMPT"
@@ -58,13 +58,22 @@ def build_accelerator(cfg: Config):
     from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
+    if not cuda:  # accelerate imports deepspeed, which otherwise warns that it fell back to CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     timeout = timedelta(seconds=cfg.train.collective_timeout_s)
     # gloo on CPU; `cpu=True` makes several CPU processes really distributed (design.md), but
     # DeepSpeed must not get it (it would start one process and no process group).
     handler = InitProcessGroupKwargs(backend=None if cuda else "gloo", timeout=timeout)
-    accelerator = Accelerator(cpu=not cuda and not deepspeed, kwargs_handlers=[handler])
+    if deepspeed and not cuda and os.environ.get("REHAMOT_DS_SHM_COMM", "0") != "1":
+        # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce at start-up (35-100 s, a C++
+        # toolchain needed); gloo's all-reduce serves our small CPU runs. REHAMOT_DS_SHM_COMM=1 keeps it.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    # A backend given to a single plain-python process would make accelerate expect a group.
+    accelerator = Accelerator(cpu=not cuda and not deepspeed, kwargs_handlers=[handler] if world > 1 else [])
     if accelerator.num_processes != world:
         raise SystemExit(
             f"accelerate sees {accelerator.num_processes} process(es) but WORLD_SIZE={world}: every rank "
@@ -260,18 +269,21 @@ class Trainer:
             motion_emb, text_emb = model(inputs)
         unwrapped = self.acc.unwrap_model(model)
         out = self.objective(motion_emb.float(), text_emb.float(), inputs["motion_index"],
-                             step=self.step, epoch=self.epoch, temperature=unwrapped.temperature())
+                             step=self.step, epoch=self.epoch, logit_scale=-torch.log(unwrapped.temperature()))
         loss = out.loss
         if unwrapped.logit_scale.requires_grad and out.loss_name != "infonce":
             loss = loss + 0.0 * unwrapped.logit_scale  # SH warm-up before InfoNCE: DDP needs every grad
         if self.step == self.inject_nan:
             loss = loss + float("nan")
-        flags = {
-            "nonfinite": torch.tensor(0.0 if torch.isfinite(loss.detach()) else 1.0),
-            "preempt": torch.tensor(1.0 if (self.run_dir / PREEMPT_MARKER).exists() else 0.0),
-            "bad_samples": torch.tensor(float(batch.get("bad_samples", 0))),
-        }
-        stats = dist_utils.reduce_sum_dict({**out.stats, **flags}, self.acc.device)  # ONE all-reduce
+        flags = torch.tensor([
+            0.0 if torch.isfinite(loss.detach()) else 1.0,
+            1.0 if (self.run_dir / PREEMPT_MARKER).exists() else 0.0,
+            float(batch.get("bad_samples", 0)),
+        ], dtype=torch.float64)
+        # ONE all-reduce per step carries the loss statistics and the flags all ranks must agree on.
+        summed = dist_utils.all_reduce_sum(torch.cat([stats_vector(out.stats), flags.to(self.acc.device)]))
+        stats = summarize_stats(summed[:len(STATS_KEYS)])
+        stats.update(zip(("nonfinite", "preempt", "bad_samples"), summed[len(STATS_KEYS):].tolist()))
         if stats["nonfinite"] > 0:
             if self.cfg.train.nonfinite == "stop":
                 raise FloatingPointError(f"non-finite loss at step {self.step} on {stats['nonfinite']:.0f} rank(s); stopping (train.nonfinite=stop)")
@@ -300,7 +312,8 @@ class Trainer:
             while self.step < self.total_steps and not preempted:
                 loader = self.stream.loader(self.epoch, start_step=self.step_in_epoch)
                 it = iter(loader)
-                while self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+                epoch_done = False
+                while not epoch_done and self.step < self.total_steps:
                     t0 = time.perf_counter()
                     batch = next(it)
                     data_wait += time.perf_counter() - t0
@@ -308,6 +321,8 @@ class Trainer:
                     self.step += 1
                     self.step_in_epoch += 1
                     window_steps += 1
+                    if self.step_in_epoch == self.steps_per_epoch:  # the position is the next batch's
+                        self.epoch, self.step_in_epoch, epoch_done = self.epoch + 1, 0, True
                     record = None
                     if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                         elapsed = time.perf_counter() - window_start
@@ -317,14 +332,11 @@ class Trainer:
                     if stats["preempt"] > 0:
                         preempted = True
                         break
-                    if self.step_in_epoch == self.steps_per_epoch:
-                        self.epoch, self.step_in_epoch = self.epoch + 1, 0
                     if self.step % val_every == 0:
                         self.validate()
                     if self.step % save_every == 0 and self.step < self.total_steps:
                         self.save()
-                if self.step_in_epoch == self.steps_per_epoch:
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                del it, loader
             final_ckpt = self.save()
             if preempted:
                 self.log.print(f"preemption marker seen: saved {final_ckpt} at step {self.step}; exiting for requeue")
@@ -339,15 +351,15 @@ class Trainer:
 
     def record(self, stats: dict[str, Any], steps: int, elapsed: float, data_wait: float) -> dict[str, Any]:
         groups = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}
-        anchors = max(stats["anchors"], 1.0)
         return {
             "step": self.step, "epoch": self.epoch,
-            "loss": stats["loss_sum"] / anchors, "loss_name": stats["loss_name"],
+            "loss": stats["loss"], "loss_name": stats["loss_name"],
             **groups,
             "samples_per_s": steps * self.cfg.train.batch_size * self.world / max(elapsed, 1e-9),
             "data_wait_s": data_wait / max(steps, 1),
             "global_batch": int(stats["global_batch"]),
             "dropped_negatives": stats["dropped"],
+            "drop_rate": stats["drop_rate"],
             "skipped_steps": self.skipped_steps,
             "bad_samples": stats["bad_samples"],
         }

@@ -12,11 +12,16 @@ the fused encoder fast path takes over and packs the padded batch into a nested 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# nn.TransformerEncoder's inference fast path packs padded batches into nested tensors and
+# warns once per process that they are a prototype; the path is exact (tests check it).
+warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
 
 
 @dataclass

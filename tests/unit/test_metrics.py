@@ -299,8 +299,12 @@ def test_format_table_lists_each_protocol():
     }
     table = format_table(results, title="test")
     header = [c.header for c in table.columns]
-    assert header[:4] == ["protocol", "t2m/R@1", "t2m/R@2", "t2m/R@3"] and header[-1] == "rsum"
-    console = Console(file=io.StringIO(), width=250)
+    assert header[:5] == ["protocol", "direction", "R@1", "R@2", "R@3"] and header[-1] == "rsum"
+    console = Console(file=io.StringIO(), width=110)
     console.print(table)
     text = console.file.getvalue()
     assert "captions" in text and "tmr-all" in text and "506.67" in text and "66.67" in text
+    assert "text→motion" in text and "motion→text" in text and "…" not in text
+    narrow = Console(file=io.StringIO(), width=80)  # the captions protocol alone fits a terminal
+    narrow.print(format_table({"captions": results["captions"]}))
+    assert "…" not in narrow.file.getvalue()

@@ -1,0 +1,113 @@
+"""The collectives the global-batch objective needs; torch.distributed only (no accelerate).
+
+Every function also works without a process group (plain `python`, one process): gathers
+are then the identity and reductions do nothing. Tensors must live on the backend's device
+(CPU for gloo, CUDA for NCCL), which is where the embeddings already are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    world_size: int
+    is_initialized: bool
+
+
+def world_info() -> WorldInfo:
+    """This process's rank and the world size; (0, 1, False) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return WorldInfo(dist.get_rank(), dist.get_world_size(), True)
+    return WorldInfo(0, 1, False)
+
+
+# torch 2.13 deprecates all_gather_into_tensor (FutureWarning) for all_gather_single, which
+# older torch (>= 2.4 is supported) lacks: use whichever this torch has, newest first.
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+
+def _all_gather_rows(tensor: Tensor, world_size: int) -> Tensor:
+    """(B, ...) on every rank -> (world_size * B, ...), rank r's rows at [r * B, (r + 1) * B)."""
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
+    _all_gather_single(out, tensor)
+    return out
+
+
+def check_equal_rows(tensor: Tensor) -> None:
+    """Raise on every rank (not hang) unless all ranks hold the same number of rows.
+
+    The global-batch objective needs equal local batches: the gather packs rank r's rows
+    at r * B and the loss scaling assumes W equal shares.
+    """
+    world = world_info()
+    if world.world_size == 1:
+        return
+    size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    sizes = _all_gather_rows(size, world.world_size).tolist()
+    if len(set(sizes)) != 1:
+        raise ValueError(
+            f"every rank must hold the same local batch size, got {sizes} (rank {world.rank} "
+            f"has {tensor.shape[0]}); use full batches (partial=False) with equal steps per rank"
+        )
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradient over ranks and keeps our slice.
+
+    Rank r's rows appear as columns in every rank's loss, so d(sum of all ranks' losses) /
+    d(our rows) is the all-reduced (SUM) gradient of the gathered tensor, restricted to our
+    slice. (Together with DDP's averaging this gives the single-process gradient.)
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
+        world = world_info()
+        ctx.rank, ctx.rows = world.rank, tensor.shape[0]
+        return _all_gather_rows(tensor, world.world_size)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad_output.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad.narrow(0, ctx.rank * ctx.rows, ctx.rows)
+
+
+def gather_with_grad(tensor: Tensor, *, check_sizes: bool = True) -> Tensor:
+    """Concatenate every rank's (B, ...) tensor into (W * B, ...) in rank order, with grad.
+
+    Every rank must call it (collective). check_sizes=False skips the extra tiny collective
+    when the caller has already checked equal batch sizes.
+    """
+    world = world_info()
+    if world.world_size == 1:
+        return tensor
+    if check_sizes:
+        check_equal_rows(tensor)
+    return _GatherWithGrad.apply(tensor)
+
+
+def gather_no_grad(tensor: Tensor, *, check_sizes: bool = True) -> Tensor:
+    """all_gather without autograd (ids, counters): (B, ...) -> (W * B, ...) in rank order."""
+    world = world_info()
+    if world.world_size == 1:
+        return tensor
+    if check_sizes:
+        check_equal_rows(tensor)
+    with torch.no_grad():
+        return _all_gather_rows(tensor.detach(), world.world_size)
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """Sum `tensor` over ranks in place and return it (unchanged with one process)."""
+    if world_info().world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

@@ -1,0 +1,743 @@
+"""Retrieval losses for motion<->text dual encoders: SH, MH, DropTriple and InfoNCE.
+
+Every loss is written as *local rows x global columns*: the rows are the B anchors this
+process owns, the columns are the G candidates of the whole (gathered) batch, and
+`row_offset` is the global column index of row 0 (so row i's positive is column
+`row_offset + i`). A single process is the special case rows == columns, row_offset = 0.
+Pure torch: gathering the columns is the objective's job (`rehamot.objective`).
+
+Conventions shared by every loss (S_ij = cos(motion_i, text_j); inputs are unit vectors, so
+the dot product is the cosine):
+- both directions are scored: motion i -> all captions j (S_ij) and caption i -> all
+  motions j (S_ji); each anchor's positive score S_ii is taken from its own row pair
+  (rows_m[i] . rows_t[i]), so with gathered columns its gradient stays local;
+- a candidate j with the same motion id as anchor i (the positive included) is no negative
+  and adds no term;
+- DropTriple additionally *excludes* (never zeroes) j when cos(m_i, m_j) > theta_m or
+  cos(t_i, t_j) > theta_t; intra-modal similarities carry no gradient;
+- MH / DropTriple take the hardest remaining negative; ties go to the lowest global column;
+  an anchor with no remaining negative contributes 0 (and still counts in the mean);
+- scores and masks are computed in fp32 (fp64 inputs stay fp64) whatever the input dtype.
+
+Memory: no chunked core holds a B x G matrix with autograd. MH / DropTriple pick each
+anchor's hardest kept negative without grad, chunk by chunk, then recompute only the chosen
+pairs with grad; SH and InfoNCE are custom autograd Functions that recompute each chunk's
+scores in backward. The `dense_reference_*` cores are the plain B x G formulations kept as
+the obviously-correct reference for tests and for the benchmark's dense arm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+LOSS_NAMES = ("sh", "mh", "droptriple", "infonce")
+THRESHOLD_MODES = ("symmetric", "per_direction")
+REDUCTIONS = ("mean", "sum")
+IMPLEMENTATIONS = ("chunked", "dense")
+DEFAULT_CHUNK_SIZE = 4096
+
+
+class LossTerms(NamedTuple):
+    """What a core returns for its B local anchors."""
+
+    per_anchor: Tensor  # (B,) loss of each anchor, both directions added; carries grad
+    dropped: Tensor  # 0-d int64: ordered (anchor, candidate) pairs removed by thresholds
+    candidates: Tensor  # 0-d int64: ordered pairs eligible as negatives before thresholds
+
+
+@dataclass(frozen=True)
+class DropThresholds:
+    """Cosine thresholds above which DropTriple drops a candidate, for each direction.
+
+    Motion -> text (anchor motion i, candidate caption j): dropped when
+    cos(m_i, m_j) > mt_motion or cos(t_i, t_j) > mt_text. Text -> motion likewise with the
+    tm_* pair.
+    """
+
+    mt_motion: float
+    mt_text: float
+    tm_motion: float
+    tm_text: float
+
+
+def drop_thresholds(
+    threshold_motion: float = 0.75,
+    threshold_text: float = 0.75,
+    *,
+    threshold_mode: str = "symmetric",
+    threshold_anchor: float = 0.7,
+    threshold_candidate: float = 0.9,
+) -> DropThresholds:
+    """Per-direction thresholds from the user-facing settings.
+
+    "symmetric" (2024 code): one mask, motions vs threshold_motion, captions vs
+    threshold_text, in both directions. "per_direction" (MMAsia code, `threshold_hetero` /
+    `threshold_homo` there): the anchor's own modality is compared with threshold_anchor and
+    the candidate's modality with threshold_candidate, so the roles swap per direction.
+    """
+    if threshold_mode == "symmetric":
+        return DropThresholds(threshold_motion, threshold_text, threshold_motion, threshold_text)
+    if threshold_mode == "per_direction":
+        return DropThresholds(
+            mt_motion=threshold_anchor,
+            mt_text=threshold_candidate,
+            tm_motion=threshold_candidate,
+            tm_text=threshold_anchor,
+        )
+    raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _score_dtype(*tensors: Tensor) -> torch.dtype:
+    # fp64 stays fp64 (gradcheck, parity tests); fp32/bf16/fp16 are scored in fp32.
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _upcast(*tensors: Tensor) -> tuple[Tensor, ...]:
+    dtype = _score_dtype(*tensors)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def _chunks(num_cols: int, chunk_size: int) -> range:
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return range(0, num_cols, chunk_size)
+
+
+def _chunk_masks(
+    row_ids: Tensor, col_ids: Tensor, row_offset: int, start: int, stop: int
+) -> tuple[Tensor, Tensor]:
+    """(is_positive, not_negative) for rows x columns[start:stop], both (B, C) bool.
+
+    not_negative marks the positive and every same-motion-id candidate.
+    """
+    device = row_ids.device
+    row_index = torch.arange(row_offset, row_offset + row_ids.shape[0], device=device)
+    col_index = torch.arange(start, stop, device=device)
+    is_positive = row_index[:, None] == col_index[None, :]
+    not_negative = row_ids[:, None] == col_ids[None, start:stop]
+    not_negative |= is_positive
+    return is_positive, not_negative
+
+
+def _drop_masks(
+    rows_m: Tensor,
+    rows_t: Tensor,
+    cols_m: Tensor,
+    cols_t: Tensor,
+    thresholds: DropThresholds,
+    not_negative: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Threshold drops (B, C) for motion->text and text->motion, the plain way (the dense
+    reference uses it; the chunked path has the leaner `_threshold_skips`). No grad."""
+    with torch.no_grad():
+        sim_mm = rows_m @ cols_m.T
+        sim_tt = rows_t @ cols_t.T
+        drop_mt = ((sim_mm > thresholds.mt_motion) | (sim_tt > thresholds.mt_text)) & ~not_negative
+        drop_tm = ((sim_mm > thresholds.tm_motion) | (sim_tt > thresholds.tm_text)) & ~not_negative
+    return drop_mt, drop_tm
+
+
+def _check_core_inputs(
+    rows_m: Tensor,
+    rows_t: Tensor,
+    cols_m: Tensor,
+    cols_t: Tensor,
+    row_ids: Tensor,
+    col_ids: Tensor,
+    row_offset: int,
+) -> None:
+    if rows_m.ndim != 2 or rows_m.shape != rows_t.shape:
+        raise ValueError(
+            f"row embeddings must be two (B, D) tensors of one shape, got {tuple(rows_m.shape)} "
+            f"and {tuple(rows_t.shape)}"
+        )
+    if cols_m.ndim != 2 or cols_m.shape != cols_t.shape or cols_m.shape[1] != rows_m.shape[1]:
+        raise ValueError(
+            f"column embeddings must be two (G, {rows_m.shape[1]}) tensors, got "
+            f"{tuple(cols_m.shape)} and {tuple(cols_t.shape)}"
+        )
+    num_rows, num_cols = rows_m.shape[0], cols_m.shape[0]
+    if row_ids.shape != (num_rows,) or col_ids.shape != (num_cols,):
+        raise ValueError(
+            f"ids must be 1-D with one id per row ({num_rows}) and per column ({num_cols}), got "
+            f"{tuple(row_ids.shape)} and {tuple(col_ids.shape)}"
+        )
+    if row_ids.dtype.is_floating_point or col_ids.dtype.is_floating_point:
+        raise TypeError("motion ids must be an integer tensor")
+    if not 0 <= row_offset <= num_cols - num_rows:
+        raise ValueError(f"row_offset {row_offset} puts {num_rows} rows outside {num_cols} columns")
+
+
+def _zero_count(device: torch.device) -> Tensor:
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _candidate_count(row_ids: Tensor, col_ids: Tensor) -> Tensor:
+    """Ordered (anchor, candidate) negative pairs over both directions, before thresholds."""
+    # The non-negatives of an anchor are exactly the columns sharing its motion id (its
+    # positive included); count them per id instead of materialising a B x G mask.
+    unique_ids, counts = torch.unique(col_ids, return_counts=True)
+    where = torch.searchsorted(unique_ids, row_ids).clamp_max(unique_ids.numel() - 1)
+    same_id = torch.where(unique_ids[where] == row_ids, counts[where], 0).sum()
+    return 2 * (row_ids.numel() * col_ids.numel() - same_id)
+
+
+# ----------------------------------------------------------------------------- SH (chunked)
+
+
+def _hinge_margins(anchors: Tensor, block: Tensor, pos: Tensor, margin: float) -> Tensor:
+    """(S - S_ii) + margin for one chunk, in place; forward and backward share the op order."""
+    return (anchors @ block.T).sub_(pos[:, None]).add_(margin)
+
+
+class _SumHingeChunked(torch.autograd.Function):
+    """Per-anchor sum of hinges over all negatives, recomputing chunk scores in backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        rows_m: Tensor,
+        rows_t: Tensor,
+        cols_m: Tensor,
+        cols_t: Tensor,
+        pos: Tensor,
+        row_ids: Tensor,
+        col_ids: Tensor,
+        row_offset: int,
+        margin: float,
+        chunk_size: int,
+    ) -> Tensor:
+        per_anchor = torch.zeros_like(pos)
+        for start in _chunks(cols_m.shape[0], chunk_size):
+            stop = min(start + chunk_size, cols_m.shape[0])
+            _, not_negative = _chunk_masks(row_ids, col_ids, row_offset, start, stop)
+            for anchors, candidates in ((rows_m, cols_t), (rows_t, cols_m)):
+                hinge = _hinge_margins(anchors, candidates[start:stop], pos, margin)
+                per_anchor += hinge.clamp_min_(0).masked_fill_(not_negative, 0).sum(1)
+        ctx.save_for_backward(rows_m, rows_t, cols_m, cols_t, pos, row_ids, col_ids)
+        ctx.row_offset, ctx.margin, ctx.chunk_size = row_offset, margin, chunk_size
+        return per_anchor
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_per_anchor: Tensor):  # type: ignore[override]
+        rows_m, rows_t, cols_m, cols_t, pos, row_ids, col_ids = ctx.saved_tensors
+        grad_rows_m, grad_rows_t = torch.zeros_like(rows_m), torch.zeros_like(rows_t)
+        grad_cols_m, grad_cols_t = torch.zeros_like(cols_m), torch.zeros_like(cols_t)
+        grad_pos = torch.zeros_like(pos)
+        chunk_size = ctx.chunk_size
+        for start in _chunks(cols_m.shape[0], chunk_size):
+            stop = min(start + chunk_size, cols_m.shape[0])
+            _, not_negative = _chunk_masks(row_ids, col_ids, ctx.row_offset, start, stop)
+            directions = (
+                (rows_m, cols_t, grad_rows_m, grad_cols_t),
+                (rows_t, cols_m, grad_rows_t, grad_cols_m),
+            )
+            for anchors, candidates, grad_anchors, grad_candidates in directions:
+                block = candidates[start:stop]
+                weight = _hinge_margins(anchors, block, pos, ctx.margin)
+                # d hinge / d score is 1 where the hinge is active (> 0) on a negative
+                weight = (weight > 0).masked_fill_(not_negative, False).to(anchors.dtype)
+                weight *= grad_per_anchor[:, None]
+                grad_anchors += weight @ block
+                grad_candidates[start:stop] += weight.T @ anchors
+                grad_pos -= weight.sum(1)
+        return grad_rows_m, grad_rows_t, grad_cols_m, grad_cols_t, grad_pos, None, None, None, None, None
+
+
+def sum_hinge_core(
+    rows_m: Tensor,
+    rows_t: Tensor,
+    cols_m: Tensor,
+    cols_t: Tensor,
+    row_ids: Tensor,
+    col_ids: Tensor,
+    row_offset: int,
+    *,
+    margin: float = 0.2,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> LossTerms:
+    """SH: sum over negatives j of [margin + S_ij - S_ii]+, in both directions."""
+    _check_core_inputs(rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset)
+    rows_m, rows_t, cols_m, cols_t = _upcast(rows_m, rows_t, cols_m, cols_t)
+    pos = (rows_m * rows_t).sum(1)
+    per_anchor = _SumHingeChunked.apply(
+        rows_m, rows_t, cols_m, cols_t, pos, row_ids, col_ids, row_offset, float(margin), chunk_size
+    )
+    return LossTerms(per_anchor, _zero_count(rows_m.device), _candidate_count(row_ids, col_ids))
+
+
+# ----------------------------------------------------------------------------- MH / DropTriple
+
+
+def _threshold_skips(
+    rows_m: Tensor,
+    rows_t: Tensor,
+    block_m: Tensor,
+    block_t: Tensor,
+    thresholds: DropThresholds,
+    not_negative: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Per direction, the (B, C) candidates to skip: non-negatives plus threshold drops.
+
+    The chunked path's lean form of `_drop_masks` (which the dense reference uses).
+    """
+    sim_mm = rows_m @ block_m.T
+    sim_tt = rows_t @ block_t.T
+
+    def skip(motion_threshold: float, text_threshold: float) -> Tensor:
+        mask = sim_mm > motion_threshold
+        mask |= sim_tt > text_threshold
+        return mask.logical_or_(not_negative)
+
+    skip_mt = skip(thresholds.mt_motion, thresholds.mt_text)
+    symmetric = (thresholds.tm_motion, thresholds.tm_text) == (thresholds.mt_motion, thresholds.mt_text)
+    return skip_mt, skip_mt if symmetric else skip(thresholds.tm_motion, thresholds.tm_text)
+
+
+def _update_hardest(best: Tensor, best_index: Tensor, scores: Tensor, start: int) -> None:
+    # Row max returns the first maximal column, and an earlier chunk wins a tie (strict >),
+    # so ties resolve to the lowest global column index.
+    value, index = scores.max(dim=1)
+    better = value > best
+    best.copy_(torch.where(better, value, best))
+    best_index.copy_(torch.where(better, index + start, best_index))
+
+
+def hardest_kept_negatives(
+    rows_m: Tensor,
+    rows_t: Tensor,
+    cols_m: Tensor,
+    cols_t: Tensor,
+    row_ids: Tensor,
+    col_ids: Tensor,
+    row_offset: int,
+    *,
+    thresholds: DropThresholds | None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Global column index of each anchor's hardest kept negative, without grad.
+
+    Returns (index_mt, index_tm, dropped, candidates); an index is -1 where no negative
+    remains. thresholds=None means MH (nothing dropped).
+    """
+    with torch.no_grad():
+        num_rows, num_cols = rows_m.shape[0], cols_m.shape[0]
+        fill = dict(device=rows_m.device)
+        best_mt = torch.full((num_rows,), float("-inf"), dtype=rows_m.dtype, **fill)
+        best_tm = best_mt.clone()
+        index_mt = torch.full((num_rows,), -1, dtype=torch.int64, **fill)
+        index_tm = index_mt.clone()
+        dropped = _zero_count(rows_m.device)
+        candidates = _zero_count(rows_m.device)
+        for start in _chunks(num_cols, chunk_size):
+            stop = min(start + chunk_size, num_cols)
+            _, not_negative = _chunk_masks(row_ids, col_ids, row_offset, start, stop)
+            excluded = torch.count_nonzero(not_negative)
+            candidates += 2 * (not_negative.numel() - excluded)
+            skip_mt = skip_tm = not_negative
+            if thresholds is not None:
+                skip_mt, skip_tm = _threshold_skips(
+                    rows_m, rows_t, cols_m[start:stop], cols_t[start:stop], thresholds, not_negative
+                )
+                # the skips contain not_negative; what they add are the threshold drops
+                dropped += torch.count_nonzero(skip_mt) + torch.count_nonzero(skip_tm) - 2 * excluded
+            del not_negative
+            scores = (rows_m @ cols_t[start:stop].T).masked_fill_(skip_mt, float("-inf"))
+            _update_hardest(best_mt, index_mt, scores, start)
+            del skip_mt, scores
+            scores = (rows_t @ cols_m[start:stop].T).masked_fill_(skip_tm, float("-inf"))
+            _update_hardest(best_tm, index_tm, scores, start)
+            del skip_tm, scores
+    return index_mt, index_tm, dropped, candidates
+
+
+def _hinge_on_chosen(anchors: Tensor, candidates: Tensor, index: Tensor, pos: Tensor, margin: float) -> Tensor:
+    """[margin + S(anchor, chosen) - S_ii]+ with grad, 0 where no negative was left."""
+    has_negative = index >= 0
+    chosen = candidates.index_select(0, index.clamp_min(0))
+    hinge = (margin + (anchors * chosen).sum(1) - pos).clamp_min(0)
+    return torch.where(has_negative, hinge, torch.zeros_like(hinge))
+
+
+def drop_triple_core(
+    rows_m: Tensor,
+    rows_t: Tensor,
+    cols_m: Tensor,
+    cols_t: Tensor,
+    row_ids: Tensor,
+    col_ids: Tensor,
+    row_offset: int,
+    *,
+    margin: float = 0.2,
+    thresholds: DropThresholds | None = DropThresholds(0.75, 0.75, 0.75, 0.75),
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> LossTerms:
+    """DropTriple (MH when thresholds is None): hinge on the hardest kept negative."""
+    _check_core_inputs(rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset)
+    rows_m, rows_t, cols_m, cols_t = _upcast(rows_m, rows_t, cols_m, cols_t)
+    index_mt, index_tm, dropped, candidates = hardest_kept_negatives(
+        rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset,
+        thresholds=thresholds, chunk_size=chunk_size,
+    )
+    pos = (rows_m * rows_t).sum(1)
+    per_anchor = _hinge_on_chosen(rows_m, cols_t, index_mt, pos, margin) + _hinge_on_chosen(
+        rows_t, cols_m, index_tm, pos, margin
+    )
+    return LossTerms(per_anchor, dropped, candidates)
+
+
+def max_hinge_core(
+    rows_m: Tensor,
+    rows_t: Tensor,
+    cols_m: Tensor,
+    cols_t: Tensor,
+    row_ids: Tensor,
+    col_ids: Tensor,
+    row_offset: int,
+    *,
+    margin: float = 0.2,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> LossTerms:
+    """MH (VSE++): hinge on the hardest negative, in both directions."""
+    return drop_triple_core(
+        rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset,
+        margin=margin, thresholds=None, chunk_size=chunk_size,
+    )
+
+
+# ----------------------------------------------------------------------------- InfoNCE (chunked)
+
+
+class _LogSumExpChunked(torch.autograd.Function):
+    """Per-anchor log-denominators of both directions, recomputing chunk logits in backward.
+
+    Columns sharing the anchor's motion id, other than the positive, are left out.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        rows_m: Tensor,
+        rows_t: Tensor,
+        cols_m: Tensor,
+        cols_t: Tensor,
+        scale: Tensor,
+        row_ids: Tensor,
+        col_ids: Tensor,
+        row_offset: int,
+        chunk_size: int,
+    ) -> Tensor:
+        num_rows = rows_m.shape[0]
+        lse = rows_m.new_full((2, num_rows), float("-inf"))  # [motion->text, text->motion]
+        for start in _chunks(cols_m.shape[0], chunk_size):
+            stop = min(start + chunk_size, cols_m.shape[0])
+            is_positive, not_negative = _chunk_masks(row_ids, col_ids, row_offset, start, stop)
+            left_out = not_negative.logical_and_(is_positive.logical_not_())
+            for direction, (anchors, candidates) in enumerate(((rows_m, cols_t), (rows_t, cols_m))):
+                logits = (anchors @ candidates[start:stop].T).mul_(scale).masked_fill_(left_out, float("-inf"))
+                lse[direction] = torch.logaddexp(lse[direction], torch.logsumexp(logits, dim=1))
+        ctx.save_for_backward(rows_m, rows_t, cols_m, cols_t, scale, row_ids, col_ids, lse)
+        ctx.row_offset, ctx.chunk_size = row_offset, chunk_size
+        return lse.sum(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_per_anchor: Tensor):  # type: ignore[override]
+        rows_m, rows_t, cols_m, cols_t, scale, row_ids, col_ids, lse = ctx.saved_tensors
+        grad_rows_m, grad_rows_t = torch.zeros_like(rows_m), torch.zeros_like(rows_t)
+        grad_cols_m, grad_cols_t = torch.zeros_like(cols_m), torch.zeros_like(cols_t)
+        grad_scale = torch.zeros_like(scale)
+        chunk_size = ctx.chunk_size
+        for start in _chunks(cols_m.shape[0], chunk_size):
+            stop = min(start + chunk_size, cols_m.shape[0])
+            is_positive, not_negative = _chunk_masks(row_ids, col_ids, ctx.row_offset, start, stop)
+            left_out = not_negative.logical_and_(is_positive.logical_not_())
+            directions = (
+                (rows_m, cols_t, grad_rows_m, grad_cols_t),
+                (rows_t, cols_m, grad_rows_t, grad_cols_m),
+            )
+            for direction, (anchors, candidates, grad_anchors, grad_candidates) in enumerate(directions):
+                block = candidates[start:stop]
+                scores = anchors @ block.T
+                # d lse / d logit = softmax over the kept columns, times the upstream grad
+                weight = (scores * scale).sub_(lse[direction][:, None]).exp_().masked_fill_(left_out, 0)
+                weight *= grad_per_anchor[:, None]
+                grad_scale += torch.dot(weight.flatten(), scores.flatten())
+                del scores
+                weight *= scale
+                grad_anchors += weight @ block
+                grad_candidates[start:stop] += weight.T @ anchors
+        return grad_rows_m, grad_rows_t, grad_cols_m, grad_cols_t, grad_scale, None, None, None, None
+
+
+def _as_scale(scale: Tensor | float, like: Tensor) -> Tensor:
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"the logit scale must be a scalar, got shape {tuple(scale.shape)}")
+        return scale.reshape(()).to(like.dtype)
+    return torch.tensor(float(scale), dtype=like.dtype, device=like.device)
+
+
+def info_nce_core(
+    rows_m: Tensor,
+    rows_t: Tensor,
+    cols_m: Tensor,
+    cols_t: Tensor,
+    row_ids: Tensor,
+    col_ids: Tensor,
+    row_offset: int,
+    *,
+    scale: Tensor | float = 1 / 0.07,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> LossTerms:
+    """InfoNCE: per anchor, the two directions' cross-entropies with logits scale * S.
+
+    `scale` is 1 / temperature (a tensor to learn it); same-id columns other than the
+    positive are removed from the denominators.
+    """
+    _check_core_inputs(rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset)
+    rows_m, rows_t, cols_m, cols_t = _upcast(rows_m, rows_t, cols_m, cols_t)
+    scale_t = _as_scale(scale, rows_m)
+    log_denominators = _LogSumExpChunked.apply(
+        rows_m, rows_t, cols_m, cols_t, scale_t, row_ids, col_ids, row_offset, chunk_size
+    )
+    pos = (rows_m * rows_t).sum(1)
+    per_anchor = log_denominators - 2 * scale_t * pos
+    return LossTerms(per_anchor, _zero_count(rows_m.device), _candidate_count(row_ids, col_ids))
+
+
+# ----------------------------------------------------------------------------- dense references
+
+
+def _dense_setup(
+    rows_m: Tensor, rows_t: Tensor, cols_m: Tensor, cols_t: Tensor, row_ids: Tensor, col_ids: Tensor, row_offset: int
+) -> tuple[Tensor, ...]:
+    """Upcast inputs, full (B, G) scores of both directions, the positive mask and the negatives mask."""
+    _check_core_inputs(rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset)
+    rows_m, rows_t, cols_m, cols_t = _upcast(rows_m, rows_t, cols_m, cols_t)
+    is_positive, not_negative = _chunk_masks(row_ids, col_ids, row_offset, 0, cols_m.shape[0])
+    return rows_m, rows_t, cols_m, cols_t, rows_m @ cols_t.T, rows_t @ cols_m.T, is_positive, ~not_negative
+
+
+def dense_reference_sum_hinge_core(
+    rows_m: Tensor, rows_t: Tensor, cols_m: Tensor, cols_t: Tensor,
+    row_ids: Tensor, col_ids: Tensor, row_offset: int, *, margin: float = 0.2, chunk_size: int = 0
+) -> LossTerms:
+    """Reference SH: the whole B x G matrices with autograd (chunk_size is ignored)."""
+    rows_m, rows_t, _, _, s_mt, s_tm, _, negative = _dense_setup(
+        rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset
+    )
+    pos = (rows_m * rows_t).sum(1, keepdim=True)
+    per_anchor = 0
+    for scores in (s_mt, s_tm):
+        hinge = torch.relu(margin + scores - pos)
+        per_anchor = per_anchor + torch.where(negative, hinge, torch.zeros_like(hinge)).sum(1)
+    return LossTerms(per_anchor, _zero_count(s_mt.device), 2 * negative.sum())
+
+
+def dense_reference_drop_triple_core(
+    rows_m: Tensor, rows_t: Tensor, cols_m: Tensor, cols_t: Tensor,
+    row_ids: Tensor, col_ids: Tensor, row_offset: int, *,
+    margin: float = 0.2,
+    thresholds: DropThresholds | None = DropThresholds(0.75, 0.75, 0.75, 0.75),
+    chunk_size: int = 0,
+) -> LossTerms:
+    """Reference DropTriple / MH (thresholds=None) on whole B x G matrices."""
+    rows_m, rows_t, cols_m, cols_t, s_mt, s_tm, _, negative = _dense_setup(
+        rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset
+    )
+    kept_mt = kept_tm = negative
+    dropped = _zero_count(s_mt.device)
+    if thresholds is not None:
+        drop_mt, drop_tm = _drop_masks(rows_m, rows_t, cols_m, cols_t, thresholds, ~negative)
+        kept_mt, kept_tm = negative & ~drop_mt, negative & ~drop_tm
+        dropped = drop_mt.sum() + drop_tm.sum()
+    pos = (rows_m * rows_t).sum(1)
+    per_anchor = 0
+    for scores, kept in ((s_mt, kept_mt), (s_tm, kept_tm)):
+        hardest, _ = scores.masked_fill(~kept, float("-inf")).max(dim=1)  # first max on ties
+        hinge = torch.relu(margin + hardest - pos)
+        per_anchor = per_anchor + torch.where(kept.any(1), hinge, torch.zeros_like(hinge))
+    return LossTerms(per_anchor, dropped, 2 * negative.sum())
+
+
+def dense_reference_max_hinge_core(
+    rows_m: Tensor, rows_t: Tensor, cols_m: Tensor, cols_t: Tensor,
+    row_ids: Tensor, col_ids: Tensor, row_offset: int, *, margin: float = 0.2, chunk_size: int = 0
+) -> LossTerms:
+    return dense_reference_drop_triple_core(
+        rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset, margin=margin, thresholds=None
+    )
+
+
+def dense_reference_info_nce_core(
+    rows_m: Tensor, rows_t: Tensor, cols_m: Tensor, cols_t: Tensor,
+    row_ids: Tensor, col_ids: Tensor, row_offset: int, *,
+    scale: Tensor | float = 1 / 0.07,
+    chunk_size: int = 0,
+) -> LossTerms:
+    """Reference InfoNCE: logsumexp over whole B x G logits (same-id columns masked)."""
+    rows_m, rows_t, _, _, s_mt, s_tm, is_positive, negative = _dense_setup(
+        rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset
+    )
+    scale_t = _as_scale(scale, s_mt)
+    pos = (rows_m * rows_t).sum(1)
+    per_anchor = 0
+    for scores in (s_mt, s_tm):
+        logits = (scale_t * scores).masked_fill(~(negative | is_positive), float("-inf"))
+        per_anchor = per_anchor + torch.logsumexp(logits, dim=1) - scale_t * pos
+    return LossTerms(per_anchor, _zero_count(s_mt.device), 2 * negative.sum())
+
+
+Core = Callable[..., LossTerms]
+CHUNKED_CORES: dict[str, Core] = {
+    "sh": sum_hinge_core,
+    "mh": max_hinge_core,
+    "droptriple": drop_triple_core,
+    "infonce": info_nce_core,
+}
+DENSE_REFERENCE_CORES: dict[str, Core] = {
+    "sh": dense_reference_sum_hinge_core,
+    "mh": dense_reference_max_hinge_core,
+    "droptriple": dense_reference_drop_triple_core,
+    "infonce": dense_reference_info_nce_core,
+}
+
+
+def loss_core(name: str, implementation: str = "chunked") -> Core:
+    """The core for a loss name; implementation "dense" gives the reference."""
+    if name not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {LOSS_NAMES}")
+    if implementation == "chunked":
+        return CHUNKED_CORES[name]
+    if implementation == "dense":
+        return DENSE_REFERENCE_CORES[name]
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+
+# ----------------------------------------------------------------------------- single process
+
+
+def _single_process(
+    name: str,
+    motion_emb: Tensor,
+    text_emb: Tensor,
+    motion_ids: Tensor | None,
+    reduction: str,
+    return_stats: bool,
+    implementation: str,
+    **core_kwargs,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if motion_emb.ndim != 2 or motion_emb.shape != text_emb.shape:
+        raise ValueError(
+            f"expected two (B, D) embeddings of one shape, got {tuple(motion_emb.shape)} and "
+            f"{tuple(text_emb.shape)}"
+        )
+    num = motion_emb.shape[0]
+    # Upcast once: rows and columns then share one fp32 tensor, so their gradients add up
+    # in fp32 before the single cast back to the input dtype.
+    motion_emb, text_emb = _upcast(motion_emb, text_emb)
+    if motion_ids is None:  # every pair is its own motion
+        motion_ids = torch.arange(num, device=motion_emb.device)
+    motion_ids = motion_ids.to(motion_emb.device)
+    terms = loss_core(name, implementation)(
+        motion_emb, text_emb, motion_emb, text_emb, motion_ids, motion_ids, 0, **core_kwargs
+    )
+    total = terms.per_anchor.sum()
+    loss = total / num if reduction == "mean" else total
+    if not return_stats:
+        return loss
+    stats = {"loss_sum": total.detach(), "dropped": terms.dropped, "candidates": terms.candidates}
+    return loss, stats
+
+
+def sum_hinge_loss(
+    motion_emb: Tensor,
+    text_emb: Tensor,
+    margin: float = 0.2,
+    motion_ids: Tensor | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    implementation: str = "chunked",
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """SH (sum of hinges) over one batch of unit embeddings (B, D)."""
+    return _single_process(
+        "sh", motion_emb, text_emb, motion_ids, reduction, return_stats, implementation,
+        margin=margin, chunk_size=chunk_size,
+    )
+
+
+def max_hinge_loss(
+    motion_emb: Tensor,
+    text_emb: Tensor,
+    margin: float = 0.2,
+    motion_ids: Tensor | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    implementation: str = "chunked",
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """MH (max of hinges, VSE++) over one batch of unit embeddings (B, D)."""
+    return _single_process(
+        "mh", motion_emb, text_emb, motion_ids, reduction, return_stats, implementation,
+        margin=margin, chunk_size=chunk_size,
+    )
+
+
+def drop_triple_loss(
+    motion_emb: Tensor,
+    text_emb: Tensor,
+    margin: float = 0.2,
+    threshold_motion: float = 0.75,
+    threshold_text: float = 0.75,
+    motion_ids: Tensor | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    *,
+    threshold_mode: str = "symmetric",
+    threshold_anchor: float = 0.7,
+    threshold_candidate: float = 0.9,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    implementation: str = "chunked",
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """DropTriple over one batch of unit embeddings (B, D); see drop_thresholds for modes."""
+    thresholds = drop_thresholds(
+        threshold_motion, threshold_text, threshold_mode=threshold_mode,
+        threshold_anchor=threshold_anchor, threshold_candidate=threshold_candidate,
+    )
+    return _single_process(
+        "droptriple", motion_emb, text_emb, motion_ids, reduction, return_stats, implementation,
+        margin=margin, thresholds=thresholds, chunk_size=chunk_size,
+    )
+
+
+def info_nce_loss(
+    motion_emb: Tensor,
+    text_emb: Tensor,
+    temperature: Tensor | float = 0.07,
+    motion_ids: Tensor | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    implementation: str = "chunked",
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """Symmetric InfoNCE; `temperature` may be a tensor (it then receives a gradient)."""
+    scale = 1.0 / temperature if isinstance(temperature, Tensor) else 1.0 / float(temperature)
+    return _single_process(
+        "infonce", motion_emb, text_emb, motion_ids, reduction, return_stats, implementation,
+        scale=scale, chunk_size=chunk_size,
+    )

@@ -1,0 +1,198 @@
+"""The global-batch objective: gather with grad -> local rows x global columns -> loss.
+
+Each of W ranks holds B local pairs. The embeddings of all ranks are gathered with
+gradients (G = W * B columns, rank r's rows at [r * B, (r + 1) * B)) and the motion ids
+without; each rank scores only its B local anchors against the G columns, in both
+directions, and returns the mean over its local anchors. So:
+- the mean over ranks of the returned losses equals the single-process loss on the
+  concatenated batch (log that mean: `reduce_stats`);
+- the gather's backward sums gradients over ranks and DDP averages them, so every
+  parameter gradient equals the single-process gradient.
+The loss is chosen by a schedule: `warmup_loss` (SH) for the first warm-up steps or epochs,
+then the configured loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rehamot import losses
+from rehamot.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, world_info
+
+# Additive statistics: summed over ranks (one all_reduce), each gives its global value.
+STATS_KEYS = ("loss_sum", "anchors", "dropped", "candidates", "global_batch")
+
+
+@dataclass
+class LossConfig:
+    """Which loss, its settings and the warm-up schedule.
+
+    threshold_mode "symmetric" drops j when cos(m_i, m_j) > threshold_motion or
+    cos(t_i, t_j) > threshold_text, in both directions. "per_direction" is the original
+    MMAsia code: the anchor's own modality is compared with threshold_anchor and the
+    candidate's modality with threshold_candidate. Warm-up counts are 0-based: step
+    (epoch) < warmup_steps (warmup_epochs) uses warmup_loss; set at most one of the two.
+    reduction "mean" divides by the batch; "sum" keeps the paper's batch-size-dependent sum.
+    temperature is InfoNCE's when no learnable logit_scale is passed. implementation
+    "dense" selects the B x G reference cores (tests and benchmarks only).
+    """
+
+    name: str = "droptriple"
+    margin: float = 0.2
+    threshold_motion: float = 0.75
+    threshold_text: float = 0.75
+    threshold_mode: str = "symmetric"
+    threshold_anchor: float = 0.7
+    threshold_candidate: float = 0.9
+    temperature: float = 0.07
+    chunk_size: int = losses.DEFAULT_CHUNK_SIZE
+    warmup_steps: int = 0
+    warmup_epochs: int = 0
+    warmup_loss: str = "sh"
+    reduction: str = "mean"
+    implementation: str = "chunked"
+
+    def __post_init__(self) -> None:
+        for field, value in (("name", self.name), ("warmup_loss", self.warmup_loss)):
+            if value not in losses.LOSS_NAMES:
+                raise ValueError(f"loss.{field} must be one of {losses.LOSS_NAMES}, got {value!r}")
+        if self.threshold_mode not in losses.THRESHOLD_MODES:
+            raise ValueError(f"loss.threshold_mode must be one of {losses.THRESHOLD_MODES}, got {self.threshold_mode!r}")
+        if self.reduction not in losses.REDUCTIONS:
+            raise ValueError(f"loss.reduction must be one of {losses.REDUCTIONS}, got {self.reduction!r}")
+        if self.implementation not in losses.IMPLEMENTATIONS:
+            raise ValueError(
+                f"loss.implementation must be one of {losses.IMPLEMENTATIONS}, got {self.implementation!r}"
+            )
+        if self.chunk_size <= 0:
+            raise ValueError(f"loss.chunk_size must be positive, got {self.chunk_size}")
+        if self.temperature <= 0:
+            raise ValueError(f"loss.temperature must be positive, got {self.temperature}")
+        if self.warmup_steps < 0 or self.warmup_epochs < 0:
+            raise ValueError("loss.warmup_steps and loss.warmup_epochs must be >= 0")
+        if self.warmup_steps and self.warmup_epochs:
+            raise ValueError(
+                f"set the warm-up in steps or in epochs, not both (got warmup_steps="
+                f"{self.warmup_steps}, warmup_epochs={self.warmup_epochs})"
+            )
+
+    def thresholds(self) -> losses.DropThresholds:
+        return losses.drop_thresholds(
+            self.threshold_motion, self.threshold_text, threshold_mode=self.threshold_mode,
+            threshold_anchor=self.threshold_anchor, threshold_candidate=self.threshold_candidate,
+        )
+
+
+def scheduled_loss_name(cfg: LossConfig, step: int, epoch: int) -> str:
+    """The loss in force at a 0-based global step and epoch."""
+    in_warmup = step < cfg.warmup_steps or epoch < cfg.warmup_epochs
+    return cfg.warmup_loss if in_warmup else cfg.name
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: Tensor  # 0-d, to backward; its mean over ranks is the single-process loss
+    loss_name: str
+    stats: dict[str, Tensor]  # local, detached, float64 0-d; keys STATS_KEYS
+
+
+class GlobalBatchObjective:
+    """Callable computing this rank's share of the global-batch loss; see the module doc."""
+
+    def __init__(self, cfg: LossConfig) -> None:
+        self.cfg = cfg
+
+    def _core_kwargs(self, name: str, logit_scale: Tensor | None) -> dict[str, object]:
+        cfg = self.cfg
+        if name == "infonce":
+            # logit_scale follows CLIP: logits = exp(logit_scale) * cos = cos / temperature.
+            scale = logit_scale.exp() if logit_scale is not None else 1.0 / cfg.temperature
+            return {"scale": scale, "chunk_size": cfg.chunk_size}
+        kwargs: dict[str, object] = {"margin": cfg.margin, "chunk_size": cfg.chunk_size}
+        if name == "droptriple":
+            kwargs["thresholds"] = cfg.thresholds()
+        return kwargs
+
+    def __call__(
+        self,
+        motion_emb: Tensor,
+        text_emb: Tensor,
+        motion_ids: Tensor,
+        *,
+        step: int,
+        epoch: int,
+        logit_scale: Tensor | None = None,
+    ) -> ObjectiveOutput:
+        if motion_emb.ndim != 2 or motion_emb.shape != text_emb.shape:
+            raise ValueError(
+                f"expected two local (B, D) embeddings of one shape, got {tuple(motion_emb.shape)} "
+                f"and {tuple(text_emb.shape)}"
+            )
+        if motion_ids.shape != (motion_emb.shape[0],) or motion_ids.dtype != torch.int64:
+            raise ValueError(f"motion_ids must be int64 of shape ({motion_emb.shape[0]},), got "
+                             f"{motion_ids.dtype} {tuple(motion_ids.shape)}")
+        motion_ids = motion_ids.to(motion_emb.device)  # NCCL gathers device tensors only
+        name = scheduled_loss_name(self.cfg, step, epoch)
+        world = world_info()
+        local, dim = motion_emb.shape
+        # The ids gather checks equal batch sizes; one gather then carries both modalities.
+        col_ids = gather_no_grad(motion_ids)
+        # Gather in the scoring precision (fp32 for bf16/fp16 embeddings): the gathered
+        # columns' gradients are then summed over ranks in fp32, not in bf16.
+        dtype = torch.float64 if torch.float64 in (motion_emb.dtype, text_emb.dtype) else torch.float32
+        motion_emb, text_emb = motion_emb.to(dtype), text_emb.to(dtype)
+        both = gather_with_grad(torch.cat([motion_emb, text_emb], dim=1), check_sizes=False)
+        cols_m, cols_t = both[:, :dim], both[:, dim:]
+        core = losses.loss_core(name, self.cfg.implementation)
+        terms = core(
+            motion_emb, text_emb, cols_m, cols_t, motion_ids, col_ids, world.rank * local,
+            **self._core_kwargs(name, logit_scale),
+        )
+        total = terms.per_anchor.sum()
+        # "sum" is scaled by W so that the mean over ranks (what DDP's averaging optimises)
+        # is the single-process sum.
+        loss = total / local if self.cfg.reduction == "mean" else total * world.world_size
+        as_stat = dict(dtype=torch.float64, device=total.device)
+        stats = {
+            "loss_sum": total.detach().to(torch.float64),
+            "anchors": torch.tensor(float(local), **as_stat),
+            "dropped": terms.dropped.to(torch.float64),
+            "candidates": terms.candidates.to(torch.float64),
+            # this rank's share: the sum over ranks is G
+            "global_batch": torch.tensor(float(local), **as_stat),
+        }
+        return ObjectiveOutput(loss=loss, loss_name=name, stats=stats)
+
+
+def stats_vector(stats: dict[str, Tensor]) -> Tensor:
+    """The stats as one float64 vector in STATS_KEYS order, ready for a single all_reduce.
+
+    A trainer may torch.cat its own flags after it and reduce everything at once, then pass
+    the first len(STATS_KEYS) entries to `summarize_stats`.
+    """
+    return torch.stack([stats[key].detach().to(torch.float64).reshape(()) for key in STATS_KEYS])
+
+
+def summarize_stats(summed: Tensor) -> dict[str, float]:
+    """Global figures from the rank-summed stats vector.
+
+    loss = sum of per-anchor losses / number of anchors = the single-process "mean" loss on
+    the concatenated batch (whatever the configured reduction); loss_sum is the paper's sum.
+    """
+    values = dict(zip(STATS_KEYS, summed.tolist()))
+    anchors, candidates = values["anchors"], values["candidates"]
+    return {
+        "loss": values["loss_sum"] / anchors if anchors else float("nan"),
+        "loss_sum": values["loss_sum"],
+        "dropped": values["dropped"],
+        "drop_rate": values["dropped"] / candidates if candidates else 0.0,
+        "candidates": candidates,
+        "global_batch": values["global_batch"],
+    }
+
+
+def reduce_stats(stats: dict[str, Tensor]) -> dict[str, float]:
+    """One all_reduce (sum) of the local stats -> global mean loss and dropped count."""
+    return summarize_stats(all_reduce_sum(stats_vector(stats)))
