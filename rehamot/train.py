@@ -84,9 +84,29 @@ def build_accelerator(cfg: Config):
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
         ds["train_batch_size"] = cfg.train.batch_size * accelerator.num_processes * ds.get("gradient_accumulation_steps", 1)
-        if cfg.train.grad_clip > 0:
-            ds["gradient_clipping"] = cfg.train.grad_clip
+        # Always ours: accelerate fills in gradient_clipping=1.0 when the config file names none,
+        # which would clip DeepSpeed runs that asked for no clipping (0 disables it in DeepSpeed).
+        ds["gradient_clipping"] = cfg.train.grad_clip
     return accelerator
+
+
+def deepspeed_scalar_workaround(model: torch.nn.Module) -> None:
+    """DeepSpeed 0.19 broadcasts every parameter as `p.data.view(torch.uint8)` (ZeRO-1/2 at
+    engine start, ZeRO-3 when partitioning), which fails on a 0-d tensor. Our only 0-d
+    parameter is the InfoNCE logit scale; when it is frozen (every loss but InfoNCE) it is
+    turned into a buffer under the same name, so state dicts, exports and bundles keep
+    their keys and shapes. A trainable one cannot be: refuse it clearly."""
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dim() != 0:
+                continue
+            if param.requires_grad:
+                raise SystemExit(
+                    f"DeepSpeed cannot broadcast the 0-d trainable parameter {module_name}.{name} "
+                    "(InfoNCE's learnable temperature); train InfoNCE with DDP, or another loss with DeepSpeed."
+                )
+            delattr(module, name)
+            module.register_buffer(name, param.detach().clone())
 
 
 def choose_run_dir(cfg: Config, accelerator) -> Path:
@@ -193,6 +213,8 @@ class Trainer:
         total = cfg.train.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
         model = build_model(cfg, feature_dim=int(manifest["feature_dim"]))
+        if self.acc.distributed_type.value == "DEEPSPEED":
+            deepspeed_scalar_workaround(model)
         optimizer, scheduler = build_optimizer(model, cfg, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.acc.prepare(model, optimizer, scheduler)
         self.objective = GlobalBatchObjective(
