@@ -21,12 +21,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 $(DEMO)/manifest.json: | $(STAMP)
-	$(PY) shards/make_shards.py demo --motions $(MOTIONS) --out $(DEMO) --workers 2
+	$(PY) shards/make_shards.py demo --motions $(MOTIONS) --out $(DEMO) --workers 1
 
 shards-demo: $(DEMO)/manifest.json
 	$(PY) shards/make_shards.py summary $(DEMO)
 
+# The main job: train on the demo shards (one process, both cores), then print the test table.
 demo: shards-demo
+	$(PY) rehamot/train.py configs/demo.yaml data.shards=$(DEMO) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
