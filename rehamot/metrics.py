@@ -343,7 +343,8 @@ _METRIC_ORDER = [f"R@{k}" for k in sorted(set(CAPTIONS_RECALL_KS) | set(TMR_RECA
 
 
 def format_table(results: Mapping[str, Mapping[str, float]], title: str | None = None) -> Table:
-    """One row per protocol and direction, one column per metric (2 decimals); fits 80 columns."""
+    """One row per protocol and direction, one column per metric (2 decimals). The captions
+    protocol alone fits 80 columns; TMR's extra recalls and long protocol names need ~95."""
     present = {key.split("/", 1)[1] for metrics in results.values() for key in metrics if "/" in key}
     columns = [m for m in _METRIC_ORDER if m in present]
     table = Table(title=title)

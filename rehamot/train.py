@@ -31,7 +31,7 @@ from rehamot import distributed as dist_utils
 from rehamot.config import DEFAULT_CONFIG, Config, ConfigError, load_config, to_yaml
 from rehamot.data import DataConfig, EvalSet, TrainStream
 from rehamot.data.schema import load_manifest
-from rehamot.evaluate import evaluate_model, print_results
+from rehamot.evaluate import encode_split, evaluate_encoded, evaluate_model, print_results, write_eval_figures
 from rehamot.export import export_bundle
 from rehamot.lr_schedule import gated, lr_multiplier
 from rehamot.model_factory import build_model, build_tokenizer
@@ -73,7 +73,11 @@ def build_accelerator(cfg: Config):
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # A backend given to a single plain-python process would make accelerate expect a group.
-    accelerator = Accelerator(cpu=not cuda and not deepspeed, kwargs_handlers=[handler] if world > 1 else [])
+    # step_scheduler_with_optimizer=False: otherwise accelerate steps a prepared scheduler
+    # num_processes times per optimizer step (it assumes a schedule counted in single-process
+    # batches); ours counts optimizer steps, so W ranks would run it W times too fast.
+    accelerator = Accelerator(cpu=not cuda and not deepspeed, kwargs_handlers=[handler] if world > 1 else [],
+                              step_scheduler_with_optimizer=False)
     if accelerator.num_processes != world:
         raise SystemExit(
             f"accelerate sees {accelerator.num_processes} process(es) but WORLD_SIZE={world}: every rank "
@@ -162,12 +166,13 @@ def data_config(cfg: Config, split: str) -> DataConfig:
 
 def build_optimizer(model, cfg: Config, total_steps: int):
     t = cfg.train
-    groups = model.param_groups(lr=t.lr, lm_lr=t.lm_lr, weight_decay=t.weight_decay, include_frozen_lm=cfg.model.finetune_lm)
+    groups = model.param_groups(lr=t.lr, lm_lr=t.lm_lr, weight_decay=t.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
     base = lr_multiplier(t.schedule, total_steps, t.lr_warmup_steps, t.decay_steps, t.decay_factor)
     lambdas = [gated(base, cfg.model.lm_unfreeze_step) if g["name"] == "lm" else base for g in groups]
-    # An LM unfrozen later keeps weight decay off until then: AdamW decays even at lr 0? No:
-    # decoupled decay is lr * wd, so lr 0 leaves the weights untouched.
+    # An LM fine-tuned from step N is trainable from the start (DDP and ZeRO fix the trainable
+    # set when they wrap the model) with lr 0 until N; AdamW's decoupled decay is lr * wd, so
+    # the weights stay untouched until then.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     return optimizer, scheduler
 
@@ -217,6 +222,12 @@ class Trainer:
             deepspeed_scalar_workaround(model)
         optimizer, scheduler = build_optimizer(model, cfg, self.total_steps)
         self.model, self.optimizer, self.scheduler = self.acc.prepare(model, optimizer, scheduler)
+        if self.acc.distributed_type.value == "DEEPSPEED":
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            # accelerate registers the ZeRO config with transformers, whose from_pretrained then
+            # partitions every model built later (ZeRO-3): evaluation copies and bundles must be plain.
+            unset_hf_deepspeed_config()
         self.objective = GlobalBatchObjective(
             LossConfig(
                 name=cfg.loss.name, margin=cfg.loss.margin, threshold_motion=cfg.loss.threshold_motion,
@@ -234,6 +245,7 @@ class Trainer:
         return {
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "world_size": self.world, "seed": self.cfg.seed, "batch_size": self.cfg.train.batch_size,
+            "num_workers": self.cfg.data.num_workers, "shards": self.cfg.data.shards,
             "best_rsum": self.best_rsum if math.isfinite(self.best_rsum) else None,
         }
 
@@ -248,12 +260,15 @@ class Trainer:
         if path is None:
             return
         pos = ckpt.read_position(path)
-        if pos["world_size"] != self.world or pos["batch_size"] != self.cfg.train.batch_size:
+        now = {"world_size": self.world, "batch_size": self.cfg.train.batch_size,
+               "num_workers": self.cfg.data.num_workers, "seed": self.cfg.seed}
+        changed = {k: (pos.get(k), v) for k, v in now.items() if pos.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}={old} then, {new} now" for k, (old, new) in changed.items())
             raise SystemExit(
-                f"resume from {path}: it was written with world_size={pos['world_size']} and "
-                f"batch_size={pos['batch_size']}, this launch has {self.world} and {self.cfg.train.batch_size}. "
-                "The data order and the global batch depend on both; relaunch with the same world size "
-                "and batch size (or start a new run from the exported bundle)."
+                f"resume from {path}: {what}. The data order and the global batch depend on the "
+                "world size, batch size, loader workers and seed, so an exact resume needs the same "
+                "values; relaunch with them (or start a new run from the exported bundle)."
             )
         self.acc.load_state(str(path))
         self.step, self.epoch, self.step_in_epoch = pos["step"], pos["epoch"], pos["step_in_epoch"]
@@ -269,12 +284,31 @@ class Trainer:
             export_bundle(self.run_dir / name, state, unwrapped.text.fingerprint(), self.cfg, self.manifest, extra)
         self.acc.wait_for_everyone()
 
+    def eval_model(self) -> torch.nn.Module:
+        """The model to evaluate during training. Under ZeRO-3 every forward all-gathers
+        partitioned weights, a collective: ranks encoding different numbers of eval batches
+        would hang, and the hooks break nn.TransformerEncoder's nested-tensor fast path. So
+        every rank evaluates a plain copy, refreshed from the gathered weights."""
+        unwrapped = self.acc.unwrap_model(self.model)
+        plugin = self.acc.state.deepspeed_plugin
+        if plugin is None or plugin.zero_stage != 3:
+            return unwrapped
+        import deepspeed
+
+        if getattr(self, "_zero3_eval_copy", None) is None:
+            with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
+                copy = build_model(self.cfg, feature_dim=int(self.manifest["feature_dim"]))
+            self._zero3_eval_copy = copy.to(self.acc.device)
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
+            self._zero3_eval_copy.load_state_dict(unwrapped.state_dict())
+        return self._zero3_eval_copy
+
     def validate(self) -> None:
         split = self.cfg.data.val_split
         if split not in self.manifest["splits"]:
             return
         eval_set = EvalSet(data_config(self.cfg, split), self.tokenizer, self.rank, self.world)
-        results = evaluate_model(self.acc.unwrap_model(self.model), eval_set, self.acc.device,
+        results = evaluate_model(self.eval_model(), eval_set, self.acc.device,
                                  batch_size=self.cfg.train.eval_batch_size, protocols=("captions",))
         metrics = results["captions"]
         record = {"step": self.step, "epoch": self.epoch, **{f"val/{k}": v for k, v in metrics.items()}}
@@ -395,9 +429,10 @@ class Trainer:
         bundle = find_bundle(self.run_dir)
         model, _, info = load_bundle(bundle, device=acc.device)
         eval_set = EvalSet(data_config(cfg, cfg.data.test_split), self.tokenizer, self.rank, self.world)
-        results = evaluate_model(model, eval_set, acc.device,
-                                 batch_size=cfg.train.eval_batch_size, protocols=("captions",))
+        enc = encode_split(model, eval_set, acc.device, cfg.train.eval_batch_size)
+        results = evaluate_encoded(enc, ("captions",))
         if acc.is_main_process:
+            write_eval_figures(self.run_dir, enc, results, cfg.data.test_split)
             payload = {"split": cfg.data.test_split, "bundle": bundle.name, "step": info.get("step"), "protocols": results}
             (self.run_dir / f"eval-{cfg.data.test_split}.json").write_text(json.dumps(payload, indent=1))
             from rehamot.plots import plot_similarity, plot_training_curves

@@ -135,17 +135,23 @@ def test_lm_finetuning_changes_the_lm_and_frozen_lm_stays(demo_shards, tmp_path)
     def lm_weights(run_dir):
         return {k: v for k, v in weights(run_dir / "final").items() if k.startswith("text.backbone.")}
 
-    frozen, tuned = tmp_path / "frozen", tmp_path / "tuned"
+    frozen, tuned, gated = tmp_path / "frozen", tmp_path / "tuned", tmp_path / "gated"
     base = [*TINY, f"data.shards={demo_shards}", "train.max_steps=2", "train.weight_decay=0.1"]
     python_run([*base, f"run.dir={frozen}"])
     python_run([*base, f"run.dir={tuned}", "model.finetune_lm=true", "train.lm_lr=1e-3"])
+    # fine-tuning that starts at step 100: trainable from the start (DDP/ZeRO fix the set when
+    # they wrap), lr 0 until then, so weight decay must not touch it either
+    python_run([*base, f"run.dir={gated}", "model.finetune_lm=true", "train.lm_lr=1e-3", "model.lm_unfreeze_step=100"])
     from rehamot.model_factory import build_model
     from rehamot.config import load_config
 
     cfg = load_config(frozen / "config.yaml")
     pristine = {f"text.{k}": v for k, v in build_model(cfg, 263).text.state_dict().items() if k.startswith("backbone.")}
-    f, t = lm_weights(frozen), lm_weights(tuned)
-    assert f.keys() == t.keys() and len(f) > 0
+    f, t, g = lm_weights(frozen), lm_weights(tuned), lm_weights(gated)
+    assert f.keys() == t.keys() == g.keys() and len(f) > 0
     assert all((f[k] == pristine[k]).all() for k in f)
+    assert all((g[k] == pristine[k]).all() for k in g)
+    lr_lm = [r["lr/lm"] for r in records(gated) if "loss" in r]
+    assert lr_lm == [0.0, 0.0]
     changed = sum(not (t[k] == pristine[k]).all() for k in t)
     assert changed > len(t) // 2
