@@ -25,7 +25,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -81,12 +80,10 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return candidates[order[:k]]
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _weights_sha256(path: Path) -> str:
+    from rehamot.models.text_encoder import sha256_file  # torch-heavy: only when indexing
+
+    return sha256_file(path)
 
 
 def _bundle_identity(bundle: Path, info: dict[str, Any]) -> dict[str, Any]:
@@ -94,7 +91,7 @@ def _bundle_identity(bundle: Path, info: dict[str, Any]) -> dict[str, Any]:
     from rehamot.export import WEIGHTS_FILE
 
     return {"step": info.get("step"), "text_model": info.get("text_model"),
-            "weights_sha256": _sha256_file(bundle / WEIGHTS_FILE)}
+            "weights_sha256": _weights_sha256(bundle / WEIGHTS_FILE)}
 
 
 # --------------------------------------------------------------------------- building

@@ -191,7 +191,7 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str,
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -203,7 +203,7 @@ def _sha256_files(paths: Sequence[Path]) -> str:
     """One digest over (name, content digest) pairs, so renames and edits both change it."""
     digest = hashlib.sha256()
     for path in sorted(paths, key=lambda p: p.name):
-        digest.update(f"{path.name}\0{_sha256_file(path)}\n".encode())
+        digest.update(f"{path.name}\0{sha256_file(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -304,7 +304,7 @@ class TextEncoder(nn.Module):
             tokenizer = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
             identity = {
                 "weights_sha256": _sha256_files(weights),
-                "config_sha256": _sha256_file(config_file),
+                "config_sha256": sha256_file(config_file),
                 "tokenizer_sha256": _sha256_files(tokenizer),
                 "pooling": self.resolved_pooling,
                 "hidden_size": self.hidden_size,
