@@ -1,0 +1,269 @@
+"""Training-step throughput: samples/s and where a step's time goes (issue 4, section 6).
+
+    # CPU: build the shards once, then the comparison (1 thread per process, 1 and 2
+    # processes) and the baseline-comparable runs (1 process, 2 threads), interleaved:
+    python shards/make_shards.py demo --motions 2000 --out /tmp/bench-demo
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py --shards /tmp/bench-demo
+    # GPU (a lent machine), one command:
+    HF_HUB_OFFLINE=1 python benchmarks/train_step.py --device cuda --precision bf16 --shards /tmp/bench-demo
+
+Each measurement is a fresh launch (plain python for one process, torchrun for several) that
+builds the real `Trainer` of rehamot/train.py: accelerate (DDP with gloo or NCCL, autocast),
+model_factory, TrainStream, GlobalBatchObjective, AdamW + LambdaLR. It then calls the
+Trainer's own `train_step` in a loop, so it measures exactly what train.py does per step;
+phases are timed by hooks and wrappers around that code, not by a copy of it:
+data wait (next batch), motion forward, text forward (hooks on the two towers), loss (the
+objective), backward (accelerator.backward, DDP's all-reduce included), optimizer (step,
+scheduler, zero_grad); "other" is the rest of train_step (device copies, the per-step flag
+all-reduce). On CUDA every timer boundary synchronises the device first.
+
+The model is the paper's size (the config schema's defaults): motion transformer d_model
+256, 3 layers, 4 heads, ff 1024, joint space 1024, dropout 0.1, and the packaged MiniLM with
+all 6 layers. Motions are full (data.min_len unset: min(T, max_len=196) frames), as in the
+original. samples/s = processes x batch / mean step time (data wait included). CPU ms/step
+is rank 0's process CPU time (all its threads) per step, steadier than wall time on a shared
+machine (baseline.md). Peak memory is max RSS per process on CPU and
+torch.cuda.max_memory_allocated on GPU. The table shows medians over the launches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PHASES = ("data", "motion_fwd", "text_fwd", "loss", "backward", "optimizer", "other")
+CPU_SETTINGS = ("frozen:1:1", "tuned:1:1", "frozen:2:1", "tuned:2:1", "frozen:1:2", "tuned:1:2")
+GPU_SETTINGS = ("frozen:1:0", "tuned:1:0")
+
+
+# -- the worker: one launch, one setting -------------------------------------------------------
+class PhaseClock:
+    """Accumulates wall time per phase; synchronises CUDA at every boundary when asked."""
+
+    def __init__(self, cuda: bool) -> None:
+        import torch
+
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+        self.totals: dict[str, float] = defaultdict(float)
+        self.started: dict[str, float] = {}
+
+    def now(self) -> float:
+        self.sync()
+        return time.perf_counter()
+
+    def start(self, phase: str) -> None:
+        self.started[phase] = self.now()
+
+    def stop(self, phase: str) -> None:
+        self.totals[phase] += self.now() - self.started.pop(phase)
+
+    def timed(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self.start(phase)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.stop(phase)
+        return wrapper
+
+    def hook_module(self, phase: str, module: Any) -> None:
+        module.register_forward_pre_hook(lambda *_: self.start(phase))
+        module.register_forward_hook(lambda *_: self.stop(phase))
+
+    def take(self) -> dict[str, float]:
+        out, self.totals = dict(self.totals), defaultdict(float)
+        return out
+
+
+def instrument(trainer: Any, clock: PhaseClock) -> None:
+    """Time the phases of Trainer.train_step without changing what it runs."""
+    model = trainer.acc.unwrap_model(trainer.model)
+    clock.hook_module("motion_fwd", model.motion)
+    clock.hook_module("text_fwd", model.text)
+    trainer.objective = clock.timed("loss", trainer.objective)
+    trainer.acc.backward = clock.timed("backward", trainer.acc.backward)
+    trainer.optimizer.step = clock.timed("optimizer", trainer.optimizer.step)
+    trainer.scheduler.step = clock.timed("optimizer", trainer.scheduler.step)
+    trainer.optimizer.zero_grad = clock.timed("optimizer", trainer.optimizer.zero_grad)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from rehamot.config import load_config
+    from rehamot.data.schema import load_manifest
+    from rehamot.train import Trainer
+
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    with tempfile.TemporaryDirectory() as run_dir:
+        overrides = [
+            f"data.shards={args.shards}", f"run.dir={run_dir}", f"train.batch_size={args.batch_size}",
+            f"data.num_workers={args.workers}", f"model.finetune_lm={args.lm == 'tuned'}",
+            "train.log_every=1000000", *args.override,
+        ]
+        cfg = load_config(None, overrides)
+        trainer = Trainer(cfg, load_manifest(cfg.data.shards))
+        trainer.skipped_steps = 0
+        clock = PhaseClock(cuda)
+        instrument(trainer, clock)
+        rows: list[dict[str, float]] = []
+        frames, real, tokens = [], [], []
+        it = iter(trainer.stream.loader(trainer.epoch))
+        while len(rows) < args.warmup + args.steps:
+            if len(rows) == args.warmup and cuda:
+                torch.cuda.reset_peak_memory_stats()
+            start, cpu_start = clock.now(), time.process_time()
+            batch = next(it, None)
+            if batch is None:  # a new epoch: train.py also pays for the loader's start here
+                trainer.epoch += 1
+                it = iter(trainer.stream.loader(trainer.epoch))
+                batch = next(it)
+            fetched = clock.now()
+            trainer.train_step(batch)
+            trainer.step += 1
+            end = clock.now()
+            rows.append({**clock.take(), "data": fetched - start, "step": end - start,
+                         "cpu": time.process_time() - cpu_start})
+            frames.append(batch["motion"].shape[1])
+            real.append(float(batch["motion_mask"].sum(1).float().mean()))
+            tokens.append(batch["input_ids"].shape[1])
+        measured = rows[args.warmup:]
+        result: dict[str, Any] = {"world": trainer.world, "batch": args.batch_size, "steps": len(measured)}
+        for phase in ("step", "cpu", *PHASES[:-1]):
+            result[phase] = statistics.fmean(r.get(phase, 0.0) for r in measured)
+        result["other"] = result["step"] - sum(result[p] for p in PHASES[:-1])
+        result["samples_per_s"] = trainer.world * args.batch_size / result["step"]
+        result["padded_frames"] = statistics.fmean(frames)
+        result["real_frames"] = statistics.fmean(real)
+        result["padded_tokens"] = statistics.fmean(tokens)
+        result["threads"] = torch.get_num_threads()
+        result["peak_mb"] = (torch.cuda.max_memory_allocated() if cuda
+                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+        result["device"] = torch.cuda.get_device_name() if cuda else "cpu"
+        result["precision"] = trainer.acc.mixed_precision
+        if trainer.rank == 0:
+            Path(args.result).write_text(json.dumps(result))
+
+
+# -- the driver: interleaved launches, medians, one table --------------------------------------
+def launch_command(setting: str, args: argparse.Namespace, result: Path) -> tuple[list[str], dict[str, str]]:
+    lm, procs, threads = setting.split(":")
+    inner = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--lm", lm,
+             "--shards", args.shards, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+             "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device,
+             *[f"--override={o}" for o in args.override]]
+    if int(procs) > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *inner]
+    else:
+        cmd = [sys.executable, *inner]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "ACCELERATE_MIXED_PRECISION": args.precision}
+    if int(threads) > 0:
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return cmd, env
+
+
+def run_setting(setting: str, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd, env = launch_command(setting, args, result)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0 or not result.is_file():
+            raise SystemExit(f"{setting}: {' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
+        return json.loads(result.read_text())
+
+
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    row = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+    row["samples_range"] = (min(r["samples_per_s"] for r in runs), max(r["samples_per_s"] for r in runs))
+    return {**runs[0], **row}
+
+
+def print_table(settings: list[str], rows: dict[str, dict[str, Any]]) -> None:
+    ms = lambda s: f"{1000 * s:.0f}" if s >= 0.0095 else f"{1000 * s:.1f}"  # noqa: E731
+    print("| LM | procs × threads | samples/s (median; min–max) | step ms | CPU ms/step | data ms "
+          "| motion fwd ms | text fwd ms | loss ms | backward ms | optimizer ms | other ms | peak MB/proc |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for setting in settings:
+        lm, procs, threads = setting.split(":")
+        r = rows[setting]
+        lo, hi = r["samples_range"]
+        print(f"| {'fine-tuned' if lm == 'tuned' else 'frozen'} | {procs} × {threads if threads != '0' else r['threads']} "
+              f"| {r['samples_per_s']:.1f} ({lo:.1f}–{hi:.1f}) | {ms(r['step'])} | {ms(r['cpu'])} | "
+              + " | ".join(ms(r[p]) for p in PHASES) + f" | {r['peak_mb']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--shards", default="/tmp/bench-demo", help="shard folder (manifest.json)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no",
+                        help="accelerate mixed precision (GPU: bf16; CPU: no, bf16 is ~4x slower here)")
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help="LM:PROCESSES:THREADS, LM frozen|tuned, THREADS 0 = leave the default "
+                             f"(default CPU {' '.join(CPU_SETTINGS)}; cuda {' '.join(GPU_SETTINGS)})")
+    parser.add_argument("--batch-size", type=int, default=32, help="per process")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers per process (default: cpu 0, cuda 4)")
+    parser.add_argument("--warmup", type=int, default=None, help="default: cpu 2, cuda 10")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps per launch (default: cpu 6, cuda 50)")
+    parser.add_argument("--repeats", type=int, default=3, help="launches per setting, interleaved")
+    parser.add_argument("--override", action="append", default=[], help="extra config key=value (repeatable)")
+    parser.add_argument("--json", help="also write every launch's figures here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--lm", choices=("frozen", "tuned"), default="frozen", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    gpu = args.device == "cuda"
+    if args.workers is None:
+        args.workers = 4 if gpu else 0  # CPU: no loader process competing for the cores
+    if args.warmup is None:
+        args.warmup = 10 if gpu else 2
+    if args.steps is None:
+        args.steps = 50 if gpu else 6
+    if args.worker:
+        worker(args)
+        return
+    from rehamot.data.schema import load_manifest
+
+    load_manifest(args.shards)  # fail early, with the command that builds the shards
+    settings = args.settings or list(GPU_SETTINGS if args.device == "cuda" else CPU_SETTINGS)
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    load_before = os.getloadavg()[0]
+    runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for repeat in range(args.repeats):
+        for setting in settings:  # interleaved: machine drift hits every setting alike
+            r = run_setting(setting, args)
+            runs[setting].append(r)
+            print(f"  repeat {repeat + 1}/{args.repeats} {setting}: {r['samples_per_s']:.1f} samples/s "
+                  f"(step {1000 * r['step']:.0f} ms)", file=sys.stderr, flush=True)
+    rows = {s: median_row(runs[s]) for s in settings}
+    first = rows[settings[0]]
+    print(f"device {first['device']}, precision {first['precision']}, batch {args.batch_size} per process, "
+          f"{args.steps} measured steps after {args.warmup} warm-up, medians of {args.repeats} launches; "
+          f"mean padded length {first['padded_frames']:.0f} frames (real {first['real_frames']:.0f}), "
+          f"captions padded to {first['padded_tokens']:.0f} tokens; "
+          f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
+    print_table(settings, rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": sys.argv, "runs": runs}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
