@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 MOTIONS = 300
 REAL_SAMPLE = next(
     (p for p in (REPO / "tests" / "fixtures" / "humanml3d-sample",
-                 REPO.parent / "shared" / "fixtures" / "humanml3d-sample") if p.is_dir()),
+                 REPO.parent / "shared" / "fixtures" / "humanml3d-sample",
+                 Path("/work/shared/fixtures/humanml3d-sample")) if p.is_dir()),
     None,
 )
 
