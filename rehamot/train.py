@@ -388,10 +388,12 @@ class Trainer:
                     if stats["preempt"] > 0:
                         preempted = True
                         break
+                    pause = time.perf_counter()
                     if self.step % val_every == 0:
                         self.validate()
                     if self.step % save_every == 0 and self.step < self.total_steps:
                         self.save()
+                    window_start += time.perf_counter() - pause  # samples/s counts training only
                 del it, loader
             final_ckpt = self.save()
             if preempted:
