@@ -138,7 +138,8 @@ def encode_sentences(eval_set: EvalSet, device: torch.device, model: str | None 
     with mean pooling. Its own pooling (modules.json) is used, then L2 normalisation.
     Each rank encodes its share of the captions; every rank returns the whole matrix.
     """
-    from rehamot.models import TextEncoder, TextEncoderConfig, load_tokenizer, resolve_text_model, tokenize
+    from rehamot.data import tokenize
+    from rehamot.models import TextEncoder, TextEncoderConfig, load_tokenizer, resolve_text_model
 
     folder = Path(resolve_text_model(model))
     if not folder.is_dir():

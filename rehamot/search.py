@@ -211,7 +211,7 @@ class SearchIndex:
         """The query's unit embedding (D,) from the bundle's text tower."""
         import torch
 
-        from rehamot.models import tokenize
+        from rehamot.data import tokenize
 
         text = _checked_text(text)
         model, tokenizer, max_length = self._tower()

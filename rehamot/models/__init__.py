@@ -9,7 +9,6 @@ from rehamot.models.text_encoder import (
     embedded_model_dir,
     load_tokenizer,
     resolve_text_model,
-    tokenize,
 )
 from rehamot.models.two_tower import TwoTower, TwoTowerConfig
 
@@ -25,5 +24,4 @@ __all__ = [
     "load_tokenizer",
     "resolve_text_model",
     "sinusoidal_positions",
-    "tokenize",
 ]

@@ -185,12 +185,6 @@ def load_tokenizer(cfg: TextEncoderConfig) -> Any:
         raise _not_found(model, error) from error
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, Tensor]:
-    """input_ids and attention_mask (B, L), padded to the longest caption, what forward takes."""
-    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:

@@ -18,8 +18,8 @@ from rehamot.models import (
     TwoTower,
     TwoTowerConfig,
     load_tokenizer,
-    tokenize,
 )
+from rehamot.data import tokenize
 
 PAPER_MOTION_PARAMS = 2_700_288  # Linear(263->256) + token + 3 post-norm layers + Linear(256->1024)
 

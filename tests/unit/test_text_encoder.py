@@ -22,8 +22,8 @@ from rehamot.models import (
     embedded_model_dir,
     load_tokenizer,
     resolve_text_model,
-    tokenize,
 )
+from rehamot.data import tokenize
 
 SENTENCES = [
     "a person walks forward slowly",
