@@ -40,6 +40,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 from rehamot.objective import GlobalBatchObjective, LossConfig, reduce_stats  # noqa: E402
+from rehamot.losses import chunk_width  # noqa: E402
 
 MB = 1 << 20
 # Bytes held per (anchor, candidate) cell at the peak, before a measurement calibrates
@@ -48,7 +49,7 @@ MB = 1 << 20
 # per cell of one B x chunk block.
 INITIAL_BYTES_PER_CELL = {"dense": 24.0, "chunked": 12.0}
 # Gathered fp32 columns (motion, text, their concatenation) and their gradients.
-COLUMN_COPIES = 6
+COLUMN_COPIES = 4
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def run_job(job: Job, world_size: int) -> list[dict] | str:
 def score_cells(job: Job, world_size: int) -> int:
     """(anchor, candidate) cells one rank holds at once: B x G dense, B x chunk chunked."""
     local = job.global_batch // world_size
-    width = job.global_batch if job.implementation == "dense" else min(job.chunk_size, job.global_batch)
+    width = job.global_batch if job.implementation == "dense" else min(chunk_width(job.chunk_size, local), job.global_batch)
     return local * width
 
 

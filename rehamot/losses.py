@@ -38,7 +38,8 @@ LOSS_NAMES = ("sh", "mh", "droptriple", "infonce")
 THRESHOLD_MODES = ("symmetric", "per_direction")
 REDUCTIONS = ("mean", "sum")
 IMPLEMENTATIONS = ("chunked", "dense")
-DEFAULT_CHUNK_SIZE = 4096
+DEFAULT_CHUNK_SIZE = 0  # 0: as many columns as keep a chunk near CHUNK_CELLS score cells
+CHUNK_CELLS = 1 << 22  # ~4M cells: a chunk's scores, intra-modal sims and masks stay ~60 MB
 
 
 class LossTerms(NamedTuple):
@@ -104,9 +105,20 @@ def _upcast(*tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(dtype) for t in tensors)
 
 
+def chunk_width(chunk_size: int, num_rows: int) -> int:
+    """Columns per chunk: chunk_size, or with 0 (auto) CHUNK_CELLS // rows (at least 64).
+
+    Auto keeps the per-chunk memory flat: a training step's B = 32 rows score every column
+    in one chunk, a loss benchmark's 8,192 rows take 512 columns at a time.
+    """
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be positive, or 0 for auto, got {chunk_size}")
+    return chunk_size or max(64, CHUNK_CELLS // max(num_rows, 1))
+
+
 def _chunks(num_cols: int, chunk_size: int) -> range:
     if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        raise ValueError(f"chunk_size must be positive here, got {chunk_size}")
     return range(0, num_cols, chunk_size)
 
 
@@ -267,6 +279,7 @@ def sum_hinge_core(
     """SH: sum over negatives j of [margin + S_ij - S_ii]+, in both directions."""
     _check_core_inputs(rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset)
     rows_m, rows_t, cols_m, cols_t = _upcast(rows_m, rows_t, cols_m, cols_t)
+    chunk_size = chunk_width(chunk_size, rows_m.shape[0])
     pos = (rows_m * rows_t).sum(1)
     per_anchor = _SumHingeChunked.apply(
         rows_m, rows_t, cols_m, cols_t, pos, row_ids, col_ids, row_offset, float(margin), chunk_size
@@ -328,6 +341,7 @@ def hardest_kept_negatives(
     Returns (index_mt, index_tm, dropped, candidates); an index is -1 where no negative
     remains. thresholds=None means MH (nothing dropped).
     """
+    chunk_size = chunk_width(chunk_size, rows_m.shape[0])
     with torch.no_grad():
         num_rows, num_cols = rows_m.shape[0], cols_m.shape[0]
         fill = dict(device=rows_m.device)
@@ -359,12 +373,65 @@ def hardest_kept_negatives(
     return index_mt, index_tm, dropped, candidates
 
 
-def _hinge_on_chosen(anchors: Tensor, candidates: Tensor, index: Tensor, pos: Tensor, margin: float) -> Tensor:
-    """[margin + S(anchor, chosen) - S_ii]+ with grad, 0 where no negative was left."""
-    has_negative = index >= 0
-    chosen = candidates.index_select(0, index.clamp_min(0))
-    hinge = (margin + (anchors * chosen).sum(1) - pos).clamp_min(0)
-    return torch.where(has_negative, hinge, torch.zeros_like(hinge))
+class _ChosenHinges(torch.autograd.Function):
+    """Per anchor, [margin + S(m_i, t_a) - S_ii]+ + [margin + S(t_i, m_b) - S_ii]+ for the chosen
+    negatives a = index_mt[i], b = index_tm[i] (-1: none left, the term is 0).
+
+    Autograd on index_select / mul / sum would hold about six (B or G) x D temporaries in
+    backward: at B = 8,192, D = 1,024 they were most of the chunked loss's peak memory. This
+    backward writes each input's gradient once, in row blocks, and when rows and columns are
+    one tensor (a single process) writes one gradient for both.
+    """
+
+    @staticmethod
+    def forward(ctx, rows_m: Tensor, rows_t: Tensor, cols_m: Tensor, cols_t: Tensor,  # type: ignore[override]
+                index_mt: Tensor, index_tm: Tensor, margin: float) -> Tensor:
+        pos = _row_dots(rows_m, rows_t)
+        hinge_mt = _row_dots(rows_m, cols_t, index_mt).add_(margin).sub_(pos)
+        hinge_tm = _row_dots(rows_t, cols_m, index_tm).add_(margin).sub_(pos)
+        # clamp_min's gradient passes where its input >= 0; keep that rule exactly
+        active_mt = (hinge_mt >= 0) & (index_mt >= 0)
+        active_tm = (hinge_tm >= 0) & (index_tm >= 0)
+        ctx.save_for_backward(rows_m, rows_t, cols_m, cols_t, index_mt.clamp_min(0), index_tm.clamp_min(0),
+                              active_mt, active_tm)
+        ctx.shared = rows_m is cols_m and rows_t is cols_t
+        per_anchor = hinge_mt.clamp_min_(0).masked_fill_(index_mt < 0, 0)
+        return per_anchor.add_(hinge_tm.clamp_min_(0).masked_fill_(index_tm < 0, 0))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        rows_m, rows_t, cols_m, cols_t, index_mt, index_tm, active_mt, active_tm = ctx.saved_tensors
+        g_mt = grad * active_mt
+        g_tm = grad * active_tm
+        g_pos = (g_mt + g_tm)[:, None]
+        # d/d rows_m: g_mt * t_a - (g_mt + g_tm) * t_i ; d/d t_a: g_mt * m_i (likewise for text)
+        grad_rows_m = torch.mul(rows_t, g_pos).neg_()
+        grad_rows_t = torch.mul(rows_m, g_pos).neg_()
+        grad_cols_m, grad_cols_t = (grad_rows_m, grad_rows_t) if ctx.shared else (
+            torch.zeros_like(cols_m), torch.zeros_like(cols_t))
+        for lo in range(0, rows_m.shape[0], _ROW_BLOCK):
+            hi = lo + _ROW_BLOCK
+            grad_rows_m[lo:hi].addcmul_(cols_t.index_select(0, index_mt[lo:hi]), g_mt[lo:hi, None])
+            grad_rows_t[lo:hi].addcmul_(cols_m.index_select(0, index_tm[lo:hi]), g_tm[lo:hi, None])
+            grad_cols_t.index_add_(0, index_mt[lo:hi], rows_m[lo:hi] * g_mt[lo:hi, None])
+            grad_cols_m.index_add_(0, index_tm[lo:hi], rows_t[lo:hi] * g_tm[lo:hi, None])
+        if ctx.shared:
+            return grad_rows_m, grad_rows_t, None, None, None, None, None
+        return grad_rows_m, grad_rows_t, grad_cols_m, grad_cols_t, None, None, None
+
+
+_ROW_BLOCK = 1024  # rows per block in _ChosenHinges: bounds its (block x D) temporaries
+
+
+def _row_dots(anchors: Tensor, candidates: Tensor, index: Tensor | None = None) -> Tensor:
+    """anchors[i] . candidates[index[i]] (candidates[i] without index), in row blocks."""
+    out = anchors.new_empty(anchors.shape[0])
+    for lo in range(0, anchors.shape[0], _ROW_BLOCK):
+        hi = lo + _ROW_BLOCK
+        block = candidates[lo:hi] if index is None else candidates.index_select(0, index[lo:hi].clamp_min(0))
+        out[lo:hi] = torch.linalg.vecdot(anchors[lo:hi], block)
+    return out
 
 
 def drop_triple_core(
@@ -387,10 +454,7 @@ def drop_triple_core(
         rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset,
         thresholds=thresholds, chunk_size=chunk_size,
     )
-    pos = (rows_m * rows_t).sum(1)
-    per_anchor = _hinge_on_chosen(rows_m, cols_t, index_mt, pos, margin) + _hinge_on_chosen(
-        rows_t, cols_m, index_tm, pos, margin
-    )
+    per_anchor = _ChosenHinges.apply(rows_m, rows_t, cols_m, cols_t, index_mt, index_tm, float(margin))
     return LossTerms(per_anchor, dropped, candidates)
 
 
@@ -505,6 +569,7 @@ def info_nce_core(
     """
     _check_core_inputs(rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset)
     rows_m, rows_t, cols_m, cols_t = _upcast(rows_m, rows_t, cols_m, cols_t)
+    chunk_size = chunk_width(chunk_size, rows_m.shape[0])
     scale_t = _as_scale(scale, rows_m)
     log_denominators = _LogSumExpChunked.apply(
         rows_m, rows_t, cols_m, cols_t, scale_t, row_ids, col_ids, row_offset, chunk_size

@@ -66,8 +66,8 @@ class LossConfig:
             raise ValueError(
                 f"loss.implementation must be one of {losses.IMPLEMENTATIONS}, got {self.implementation!r}"
             )
-        if self.chunk_size <= 0:
-            raise ValueError(f"loss.chunk_size must be positive, got {self.chunk_size}")
+        if self.chunk_size < 0:
+            raise ValueError(f"loss.chunk_size must be positive, or 0 for auto, got {self.chunk_size}")
         if self.temperature <= 0:
             raise ValueError(f"loss.temperature must be positive, got {self.temperature}")
         if self.warmup_steps < 0 or self.warmup_epochs < 0:
@@ -143,8 +143,13 @@ class GlobalBatchObjective:
         # columns' gradients are then summed over ranks in fp32, not in bf16.
         dtype = torch.float64 if torch.float64 in (motion_emb.dtype, text_emb.dtype) else torch.float32
         motion_emb, text_emb = motion_emb.to(dtype), text_emb.to(dtype)
-        both = gather_with_grad(torch.cat([motion_emb, text_emb], dim=1), check_sizes=False)
-        cols_m, cols_t = both[:, :dim], both[:, dim:]
+        if world.world_size == 1:
+            # Rows are the columns: no concatenated copy, and the cores then write one gradient
+            # per modality instead of a row and a column gradient to be summed.
+            cols_m, cols_t = motion_emb, text_emb
+        else:
+            both = gather_with_grad(torch.cat([motion_emb, text_emb], dim=1), check_sizes=False)
+            cols_m, cols_t = both[:, :dim], both[:, dim:]
         core = losses.loss_core(name, self.cfg.implementation)
         terms = core(
             motion_emb, text_emb, cols_m, cols_t, motion_ids, col_ids, world.rank * local,

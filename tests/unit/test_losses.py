@@ -307,7 +307,7 @@ def test_invalid_inputs_raise_clearly() -> None:
     with pytest.raises(ValueError, match="ids"):
         max_hinge_loss(M3, T3, motion_ids=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="chunk_size"):
-        info_nce_loss(M3, T3, chunk_size=0)
+        info_nce_loss(M3, T3, chunk_size=-1)
     with pytest.raises(ValueError, match="unknown loss"):
         loss_core("triplet")
 
@@ -375,3 +375,38 @@ def test_pure_modules_import_no_distributed_code() -> None:
     dist_imports = {node.module or "" for node in ast.walk(dist_tree) if isinstance(node, ast.ImportFrom)}
     dist_imports |= {a.name for node in ast.walk(dist_tree) if isinstance(node, ast.Import) for a in node.names}
     assert not {name for name in dist_imports if name.startswith("accelerate")}
+
+
+def test_auto_chunk_width_bounds_the_cells_per_chunk() -> None:
+    from rehamot.losses import CHUNK_CELLS, chunk_width
+
+    assert chunk_width(0, 32) == CHUNK_CELLS // 32  # a training step: every column at once
+    assert chunk_width(0, 8192) == 512  # a big single-process batch: narrow chunks
+    assert chunk_width(0, 10**9) == 64
+    assert chunk_width(100, 8192) == 100  # an explicit width wins
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_chosen_hinge_gradients_match_autograd(shared: bool) -> None:
+    """The hand-written backward of the MH / DropTriple hinge equals autograd on the plain
+    formula, with rows and columns one tensor (one process) and separate (gathered)."""
+    from rehamot.losses import drop_triple_core
+
+    gen = torch.Generator().manual_seed(3)
+    m = F.normalize(torch.randn(40, 8, generator=gen, dtype=torch.float64), dim=1)
+    t = F.normalize(m + 0.7 * torch.randn(40, 8, generator=gen, dtype=torch.float64), dim=1)
+    ids = torch.arange(40) // 2  # pairs share a motion: excluded candidates
+    for implementation in ("chunked", "dense"):
+        leaves = [x.clone().requires_grad_(True) for x in (m, t)]
+        cols = leaves if shared else [x.clone().requires_grad_(True) for x in (m, t)]
+        core = loss_core("droptriple", implementation)
+        terms = core(leaves[0][8:24], leaves[1][8:24], cols[0], cols[1], ids[8:24], ids, 8,
+                     margin=0.2, thresholds=DropThresholds(0.8, 0.8, 0.8, 0.8), chunk_size=7)
+        (terms.per_anchor * torch.linspace(0.5, 2.0, 16, dtype=torch.float64)).sum().backward()
+        grads = [x.grad for x in leaves] + ([] if shared else [x.grad for x in cols])
+        if implementation == "chunked":
+            chunked = grads
+        else:
+            for a, b in zip(chunked, grads):
+                assert torch.allclose(a, b, atol=1e-12)
+    assert float(chunked[0].norm()) > 0
