@@ -6,6 +6,11 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py --shards /tmp/bench-demo
     # GPU (a lent machine), one command:
     HF_HUB_OFFLINE=1 python benchmarks/train_step.py --device cuda --precision bf16 --shards /tmp/bench-demo
+    # A/B of the motion hot path (issue 7): a setting's 4th field holds extras, comma-separated:
+    # config overrides, or `plain-dropout` (the tower's layers as nn.TransformerEncoderLayer
+    # with F.dropout, i.e. before issue 7):
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py --settings frozen:1:1:plain-dropout \
+        frozen:1:1 frozen:1:1:data.length_buckets=8
 
 Each measurement is a fresh launch (plain python for one process, torchrun for several) that
 builds the real `Trainer` of rehamot/train.py: accelerate (DDP with gloo or NCCL, autocast),
@@ -99,6 +104,19 @@ def instrument(trainer: Any, clock: PhaseClock) -> None:
     trainer.optimizer.zero_grad = clock.timed("optimizer", trainer.optimizer.zero_grad)
 
 
+def plain_motion_path(model: Any) -> None:
+    """The motion tower as before issue 7: nn.TransformerEncoderLayer's own training path and
+    F.dropout (bernoulli_) for its input dropout; the weights stay where they are."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from rehamot.models import motion_encoder
+
+    for layer in model.motion.encoder.layers:
+        layer.__class__ = nn.TransformerEncoderLayer
+    motion_encoder.fast_dropout = lambda x, p, training=True: F.dropout(x, p, training)
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -114,9 +132,12 @@ def worker(args: argparse.Namespace) -> None:
             f"data.shards={args.shards}", f"run.dir={run_dir}", f"train.batch_size={args.batch_size}",
             f"data.num_workers={args.workers}", f"model.finetune_lm={args.lm == 'tuned'}",
             "train.log_every=1000000", *args.override,
+            *[e for e in args.extra if e != "plain-dropout"],
         ]
         cfg = load_config(None, overrides)
         trainer = Trainer(cfg, load_manifest(cfg.data.shards))
+        if "plain-dropout" in args.extra:
+            plain_motion_path(trainer.acc.unwrap_model(trainer.model))
         trainer.skipped_steps = 0
         clock = PhaseClock(cuda)
         instrument(trainer, clock)
@@ -140,7 +161,7 @@ def worker(args: argparse.Namespace) -> None:
                          "cpu": time.process_time() - cpu_start})
             frames.append(batch["motion"].shape[1])
             real.append(float(batch["motion_mask"].sum(1).float().mean()))
-            tokens.append(batch["input_ids"].shape[1])
+            tokens.append(batch["input_ids"].shape[1] if "input_ids" in batch else 0)  # cached text features: none
         measured = rows[args.warmup:]
         result: dict[str, Any] = {"world": trainer.world, "batch": args.batch_size, "steps": len(measured)}
         for phase in ("step", "cpu", *PHASES[:-1]):
@@ -160,12 +181,18 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # -- the driver: interleaved launches, medians, one table --------------------------------------
+def parse_setting(setting: str) -> tuple[str, str, str, list[str]]:
+    """LM:PROCESSES:THREADS[:EXTRA,EXTRA...] -> (lm, procs, threads, extras)."""
+    lm, procs, threads, *rest = setting.split(":", 3)
+    return lm, procs, threads, [e for e in ",".join(rest).split(",") if e]
+
+
 def launch_command(setting: str, args: argparse.Namespace, result: Path) -> tuple[list[str], dict[str, str]]:
-    lm, procs, threads = setting.split(":")
+    lm, procs, threads, extras = parse_setting(setting)
     inner = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--lm", lm,
              "--shards", args.shards, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
              "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device,
-             *[f"--override={o}" for o in args.override]]
+             *[f"--override={o}" for o in args.override], *[f"--extra={e}" for e in extras]]
     if int(procs) > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *inner]
     else:
@@ -197,15 +224,15 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def print_table(settings: list[str], rows: dict[str, dict[str, Any]]) -> None:
     ms = lambda s: f"{1000 * s:.0f}" if s >= 0.0095 else f"{1000 * s:.1f}"  # noqa: E731
-    print("| LM | procs × threads | samples/s (median; min–max) | step ms | CPU ms/step | data ms "
+    print("| LM | procs × threads | extras | samples/s (median; min–max) | step ms | CPU ms/step | data ms "
           "| motion fwd ms | text fwd ms | loss ms | backward ms | optimizer ms | other ms | peak MB/proc |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for setting in settings:
-        lm, procs, threads = setting.split(":")
+        lm, procs, threads, extras = parse_setting(setting)
         r = rows[setting]
         lo, hi = r["samples_range"]
         print(f"| {'fine-tuned' if lm == 'tuned' else 'frozen'} | {procs} × {threads if threads != '0' else r['threads']} "
-              f"| {r['samples_per_s']:.1f} ({lo:.1f}–{hi:.1f}) | {ms(r['step'])} | {ms(r['cpu'])} | "
+              f"| {', '.join(extras) or '–'} | {r['samples_per_s']:.1f} ({lo:.1f}–{hi:.1f}) | {ms(r['step'])} | {ms(r['cpu'])} | "
               + " | ".join(ms(r[p]) for p in PHASES) + f" | {r['peak_mb']:.0f} |")
 
 
@@ -217,7 +244,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no",
                         help="accelerate mixed precision (GPU: bf16; CPU: no, bf16 is ~4x slower here)")
     parser.add_argument("--settings", nargs="+", default=None,
-                        help="LM:PROCESSES:THREADS, LM frozen|tuned, THREADS 0 = leave the default "
+                        help="LM:PROCESSES:THREADS[:EXTRAS], LM frozen|tuned, THREADS 0 = leave the default, "
+                             "EXTRAS comma-separated config key=value or plain-dropout "
                              f"(default CPU {' '.join(CPU_SETTINGS)}; cuda {' '.join(GPU_SETTINGS)})")
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--workers", type=int, default=None, help="loader workers per process (default: cpu 0, cuda 4)")
@@ -229,6 +257,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--lm", choices=("frozen", "tuned"), default="frozen", help=argparse.SUPPRESS)
+    parser.add_argument("--extra", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args()
     gpu = args.device == "cuda"
     if args.workers is None:

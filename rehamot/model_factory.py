@@ -34,12 +34,19 @@ def build_model(cfg: Config, feature_dim: int) -> TwoTower:
         dropout=m.dropout,
         max_len=max(512, cfg.data.max_len + 1),
         embed_dim=m.embed_dim,
+        length_chunks=m.length_chunks,
     )
     # The temperature is a parameter only when InfoNCE uses it: an unused trainable parameter
     # would break DDP, and weight decay would drift it.
     infonce = "infonce" in (cfg.loss.name, cfg.loss.warmup_loss if _has_warmup(cfg) else None)
-    return TwoTower(TwoTowerConfig(motion=motion, text=text_config(cfg), init_temperature=cfg.loss.temperature,
-                                   learn_temperature=infonce))
+    model = TwoTower(TwoTowerConfig(motion=motion, text=text_config(cfg), init_temperature=cfg.loss.temperature,
+                                    learn_temperature=infonce))
+    if m.compile:
+        # In place (nn.Module.compile): the state-dict keys stay those of the eager tower, so
+        # checkpoints and exported bundles load either way. Compiles lazily, at the first
+        # forward and once more when the motion length first changes (dynamic shapes).
+        model.motion.compile()
+    return model
 
 
 def _has_warmup(cfg: Config) -> bool:

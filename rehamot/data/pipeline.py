@@ -14,6 +14,9 @@ its quota of batches. The data order is a pure function of (seed, epoch, rank, w
   therefore where the stream stands, is only known after decoding. That is most of a sample's
   cost, so resuming at mid-epoch costs about half an epoch of one slot's reading; cropping,
   normalising, collating and tokenising are what is skipped.)
+- with `length_buckets = n > 1`, each pool of n batches' worth of consecutive samples is
+  sorted by crop length, cut into n batches and emitted in an order seeded by (seed, epoch,
+  rank, worker, pool): padding to the batch maximum then costs little (benchmarks.md).
 
 Bad samples: a bad sample is dropped before the shuffle buffer; its slot refills its quota by
 reading its own range again from the start (so one bad sample costs one repeated motion, and
@@ -40,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rehamot.data import schema
 from rehamot.data.collate import Tokenizer, collate_pairs
-from rehamot.data.motion import normalize, random_crop
+from rehamot.data.motion import normalize, random_window
 from rehamot.data.plan import SlotPlan, plan_epoch, steps_per_epoch
 from rehamot.data.reading import (
     BadSample,
@@ -68,9 +71,11 @@ class DataConfig:
     seed: int = 1234
     strict: bool = False  # raise on a bad sample instead of skipping it
     max_text_len: int = 64  # tokens
+    length_buckets: int = 0  # n > 1: sort each pool of n batches by length (see batches())
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_workers < 0 or self.seed < 0 or self.max_len < 1:
+        if (self.batch_size < 1 or self.num_workers < 0 or self.seed < 0 or self.max_len < 1
+                or self.length_buckets < 0):
             raise ValueError(f"invalid DataConfig: {self}")
         if self.min_len is not None and not 1 <= self.min_len <= self.max_len:
             raise ValueError(f"min_len must lie in [1, max_len={self.max_len}], got {self.min_len}")
@@ -167,28 +172,64 @@ class _SlotReader:
         self.warn = RateLimitedWarning(log)
 
     def batches(self) -> Iterator[dict[str, Any]]:
+        """The slot's batches in delivery order, from batch `skip_batches` on.
+
+        Length bucketing (length_buckets = n > 1): the shuffled stream is cut into pools of n
+        batches' worth of samples (slot-local batches [j*n, j*n + n), the last pool shorter),
+        each pool is sorted by cropped length and cut into its batches, and those are emitted
+        in an order drawn from (seed, epoch, rank, worker, pool). Within a batch the samples
+        keep their stream order. Every pool holds the same samples as without bucketing, so
+        the epoch's visits and batch counts are unchanged; a crop's length comes from the
+        sample's own RNG, so a resumed pool sorts exactly as the uninterrupted one did.
+        A pool keeps n * batch_size decoded motions in the worker, beside the shuffle buffer
+        (paper size, n = 8, B = 32: ~35 MB; B = 512: ~0.5 GB per loader worker).
+        """
         cfg, size = self.cfg, self.cfg.batch_size
-        quota = len(self.slot.batches) * size
-        samples = itertools.islice(self._good_samples(), quota)
+        num_batches = len(self.slot.batches)
+        samples = itertools.islice(self._good_samples(), num_batches * size)
         if cfg.shuffle_buffer > 1:
             rng = random.Random("rehamot/buffer/" + "/".join(map(str, self.seed_key)))
             samples = _shuffle(samples, cfg.shuffle_buffer, rng)
-        items = []
-        for counter, (meta, motion) in enumerate(samples):
-            if counter < self.skip_batches * size:
+        stream = enumerate(samples)  # the counter k seeds sample k's crop and caption
+        per_pool = max(cfg.length_buckets, 1)
+        for first in range(0, num_batches, per_pool):
+            pool = list(itertools.islice(stream, min(per_pool, num_batches - first) * size))
+            if first + len(pool) // size <= self.skip_batches:
                 continue  # resuming: the stream position is all that matters here
-            items.append(self._item(counter, meta, motion))
-            if len(items) == size:
-                step = self.slot.batches[counter // size]
+            draws = [self._draw(counter, meta, motion) for counter, (meta, motion) in pool]
+            for local, rows in enumerate(self._arrange(draws, first // per_pool), start=first):
+                if local < self.skip_batches:
+                    continue
+                items = [self._item(pool[row][1], draws[row]) for row in rows]
                 batch = collate_pairs(items, self.stream.tokenizer, cfg.max_text_len)
-                batch["step"], batch["bad_samples"] = step, self.bad_since_batch
-                self.bad_since_batch, items = 0, []
+                batch["step"], batch["bad_samples"] = self.slot.batches[local], self.bad_since_batch
+                self.bad_since_batch = 0
                 yield batch
 
-    def _item(self, counter: int, meta: dict[str, Any], motion: np.ndarray) -> dict[str, Any]:
+    def _arrange(self, draws: list[tuple[int, int, int]], pool_index: int) -> list[list[int]]:
+        """A pool's rows cut into batches: in stream order, or bucketed by crop length."""
+        size = self.cfg.batch_size
+        if self.cfg.length_buckets <= 1:
+            return [list(range(i, i + size)) for i in range(0, len(draws), size)]
+        by_length = sorted(range(len(draws)), key=lambda row: (draws[row][2], row))
+        buckets = [sorted(by_length[i : i + size]) for i in range(0, len(draws), size)]
+        key = "/".join(map(str, [*self.seed_key, pool_index]))
+        random.Random("rehamot/buckets/" + key).shuffle(buckets)
+        return buckets
+
+    def _draw(self, counter: int, meta: dict[str, Any], motion: np.ndarray
+              ) -> tuple[int, int, int]:
+        """Sample `counter`'s (caption index, crop start, crop length), from its own RNG."""
         rng = np.random.default_rng([*self.seed_key, counter])
-        caption = meta["captions"][int(rng.integers(len(meta["captions"])))]
-        window = random_crop(motion, self.cfg.min_len, self.cfg.max_len, rng)
+        caption = int(rng.integers(len(meta["captions"])))
+        start, length = random_window(motion.shape[0], self.cfg.min_len, self.cfg.max_len, rng)
+        return caption, start, length
+
+    def _item(self, sample: tuple[dict[str, Any], np.ndarray], draw: tuple[int, int, int]
+              ) -> dict[str, Any]:
+        (meta, motion), (caption_index, start, length) = sample, draw
+        caption = meta["captions"][caption_index]
+        window = motion[start : start + length]
         return {"motion": normalize(window, self.stream.mean, self.stream.std),
                 "id": meta["id"], "caption_id": caption["caption_id"], "text": caption["text"]}
 

@@ -4,10 +4,22 @@ Linear(F->d), a learnable summary token prepended, sinusoidal positions, a post-
 transformer encoder with a padding mask, the token's output L2-normalised, projected to the
 joint space and L2-normalised again (the order of the original code).
 
-Attention runs through PyTorch's scaled-dot-product attention: in training,
-`nn.MultiheadAttention` calls `F.scaled_dot_product_attention` because
-`nn.TransformerEncoderLayer` asks for no attention weights; in eval under `torch.no_grad()`
-the fused encoder fast path takes over and packs the padded batch into a nested tensor.
+The training hot path (issue 7): `nn.TransformerEncoderLayer` draws its four dropout masks
+per layer with `aten::bernoulli_`, which on CPU costs ~10-20 ns per element and took a
+third of the original's step. `EncoderLayer` is that class (same submodules, same state-dict
+keys, same eval fast path) with `fast_dropout`, which draws 16-bit uniforms four per 64-bit
+word, on CPU. Attention: with attention dropout in CPU training, PyTorch's
+`F.scaled_dot_product_attention` can only take its math backend (the CPU flash kernel has no
+dropout), so we run the same math with the cheaper mask; without dropout (or off CPU, where
+the fused kernels handle dropout themselves) it calls `F.scaled_dot_product_attention` with
+the padding mask. In eval under `torch.no_grad()` the fused encoder fast path takes over and
+packs the padded batch into a nested tensor.
+
+Padding: a batch is padded to its longest motion (1.48x the real frames on HumanML3D-like
+lengths at batch 32). With `length_chunks = k > 1` training runs the tower on k groups of
+rows sorted by length, each cut to its own longest motion (1.05x at k = 8): the embeddings
+and the batch are unchanged, unlike bucketing batches by length in the loader
+(data.length_buckets), which changes which motions are each other's negatives.
 """
 from __future__ import annotations
 
@@ -35,6 +47,9 @@ class MotionEncoderConfig:
     activation: str = "gelu"
     max_len: int = 512  # positions, the summary token's included: at most max_len - 1 frames
     embed_dim: int = 1024
+    # Training runs the batch as this many groups of rows sorted by length, each trimmed to
+    # its own longest motion (same embeddings, less padding: see MotionEncoder.summary).
+    length_chunks: int = 1
 
 
 def sinusoidal_positions(max_len: int, dim: int) -> Tensor:
@@ -47,12 +62,90 @@ def sinusoidal_positions(max_len: int, dim: int) -> Tensor:
     return table
 
 
+_UNIFORM_LEVELS = 1 << 16  # fast_dropout draws uniforms on 16 bits
+
+
+def dropout_keep_probability(p: float) -> float:
+    """The keep probability fast_dropout realises for rate p: p rounded to 1/65536.
+
+    |realised rate - p| <= 2**-17 (7.6e-6); torch's own CPU bernoulli_ rounds p to 2**-24.
+    Kept values are scaled by 1 / this, so the expectation is exactly the input.
+    """
+    return (_UNIFORM_LEVELS - round(p * _UNIFORM_LEVELS)) / _UNIFORM_LEVELS
+
+
+def fast_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Inverted dropout (F.dropout's semantics) with a mask 4-5x cheaper to draw on CPU.
+
+    One `random_` over full 64-bit words gives four 16-bit uniforms per mt19937 pair, where
+    `bernoulli_` spends a generator call and a float conversion per element. The draws come
+    from torch's default CPU generator, so `torch.manual_seed` (and saving/restoring its
+    state, as GradCache does) reproduces the masks. Off CPU (CUDA's fused native_dropout is
+    already cheap), inside torch.compile (inductor has its own RNG lowering), and for rates
+    that 16 bits cannot express (p < 2**-17 or p > 1 - 2**-17), it is F.dropout.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout rate must lie in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    dropped = round(p * _UNIFORM_LEVELS)
+    if (x.device.type != "cpu" or not 0 < dropped < _UNIFORM_LEVELS
+            or torch.compiler.is_compiling()):
+        return F.dropout(x, p, training=True)
+    words = -(-x.numel() // 4)
+    uniform = torch.empty(words, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)
+    # int16 spans [-32768, 32767]: keep the top (levels - dropped) values.
+    keep = uniform[: x.numel()].view(x.shape) >= dropped - _UNIFORM_LEVELS // 2
+    # A scaled mask in x's dtype, as F.dropout's own CPU path builds it (and saves it for
+    # backward); the cheapest of the forms measured (benchmarks/motion_hot_path.py).
+    return x * keep.to(x.dtype).mul_(1.0 / dropout_keep_probability(p))
+
+
+class EncoderLayer(nn.TransformerEncoderLayer):
+    """nn.TransformerEncoderLayer with fast_dropout on its training path.
+
+    Same submodules and state-dict keys (checkpoints and exported bundles of the plain layer
+    load unchanged), and the eval fast path (`torch._transformer_encoder_layer_fwd`) is the
+    parent's: only `_sa_block` and `_ff_block`, which the parent runs outside that path, are
+    replaced. The dropout rates are read from the parent's nn.Dropout modules at call time.
+    """
+
+    def _sa_block(self, x: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None,
+                  is_causal: bool = False) -> Tensor:
+        attn = self.self_attn
+        if attn_mask is not None or is_causal or not attn.batch_first or not attn._qkv_same_embed_dim:
+            return super()._sa_block(x, attn_mask, key_padding_mask, is_causal)
+        batch, frames, width = x.shape
+        heads = attn.num_heads
+        q, k, v = (F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+                   .view(batch, frames, 3, heads, width // heads).permute(2, 0, 3, 1, 4))
+        # The parent's forward made the padding mask additive (0 / -inf) in x's dtype.
+        bias = None if key_padding_mask is None else key_padding_mask.view(batch, 1, 1, frames)
+        p = attn.dropout if self.training else 0.0
+        if p > 0.0 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # What SDPA's math backend does (the only CPU backend with dropout), with our mask.
+            scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
+            if bias is not None:
+                scores = scores + bias
+            out = fast_dropout(scores.softmax(dim=-1), p) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        out = attn.out_proj(out.transpose(1, 2).reshape(batch, frames, width))
+        return fast_dropout(out, self.dropout1.p, self.training)
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        x = fast_dropout(self.activation(self.linear1(x)), self.dropout.p, self.training)
+        return fast_dropout(self.linear2(x), self.dropout2.p, self.training)
+
+
 class MotionEncoder(nn.Module):
     def __init__(self, cfg: MotionEncoderConfig | None = None) -> None:
         super().__init__()
         cfg = cfg or MotionEncoderConfig()
         if cfg.d_model % cfg.heads:
             raise ValueError(f"d_model {cfg.d_model} is not divisible by heads {cfg.heads}")
+        if cfg.length_chunks < 1:
+            raise ValueError(f"length_chunks must be >= 1, got {cfg.length_chunks}")
         self.cfg = cfg
         self.input_proj = nn.Linear(cfg.feature_dim, cfg.d_model)
         # randn as in the original; post-norm layers make its scale irrelevant.
@@ -60,7 +153,7 @@ class MotionEncoder(nn.Module):
         # Derived from the config, so kept out of checkpoints.
         self.register_buffer("positions", sinusoidal_positions(cfg.max_len, cfg.d_model), persistent=False)
         self.input_dropout = nn.Dropout(cfg.dropout)
-        layer = nn.TransformerEncoderLayer(
+        layer = EncoderLayer(
             d_model=cfg.d_model,
             nhead=cfg.heads,
             dim_feedforward=cfg.ff,
@@ -94,12 +187,36 @@ class MotionEncoder(nn.Module):
             mask = torch.ones(batch, frames, dtype=torch.bool, device=motion.device)
         elif mask.shape != (batch, frames) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool (B, T) = {(batch, frames)}, got {mask.dtype} {tuple(mask.shape)}")
+        chunks = min(self.cfg.length_chunks, batch)
+        # The eval fast path (no grad) packs the batch into a nested tensor: no padding to save.
+        if chunks > 1 and (self.training or torch.is_grad_enabled()):
+            return self._summary_by_length(motion, mask, chunks)
+        return self._summary(motion, mask)
+
+    def _summary_by_length(self, motion: Tensor, mask: Tensor, chunks: int) -> Tensor:
+        """summary() over `chunks` groups of rows sorted by length, each cut to its longest.
+
+        Padded frames never reach a real frame's attention, so each row's output is the same
+        as in the whole padded batch; only the padded work goes. The batch itself (which rows
+        are each other's negatives) is untouched. The order is a function of the mask alone,
+        so a replayed forward (GradCache) draws its dropout masks in the same order.
+        """
+        frames = torch.arange(mask.shape[1], device=mask.device)
+        used = torch.where(mask, frames, -1).amax(dim=1) + 1  # up to the last valid frame
+        order = torch.argsort(used, stable=True)
+        groups = order.tensor_split(chunks)
+        longest = torch.stack([used[g].max() for g in groups]).tolist()  # one device sync
+        parts = [self._summary(motion[g, :n], mask[g, :n]) for g, n in zip(groups, longest)]
+        return torch.cat(parts)[torch.argsort(order)]
+
+    def _summary(self, motion: Tensor, mask: Tensor) -> Tensor:
+        batch, frames, _ = motion.shape
         # Padded frames are zeroed so that even NaN/inf padding cannot leak through 0 * x.
         motion = torch.where(mask.unsqueeze(-1), motion, 0.0).to(self.input_proj.weight.dtype)
         x = self.input_proj(motion)
         token = self.summary_token.to(x.dtype).expand(batch, 1, -1)
         x = torch.cat((token, x), dim=1) + self.positions[: frames + 1].to(x.dtype)
-        x = self.input_dropout(x)
+        x = fast_dropout(x, self.input_dropout.p, self.training)
         valid = torch.cat((torch.ones(batch, 1, dtype=torch.bool, device=mask.device), mask), dim=1)
         x = self.encoder(x, src_key_padding_mask=~valid)
         return x[:, 0]
