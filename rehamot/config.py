@@ -39,6 +39,7 @@ class DataSection:
     shuffle_buffer: int = 1000
     max_text_len: int = 64
     strict: bool = False  # corrupt samples: skip and count (False) or raise (True)
+    length_buckets: int = 0  # n > 1: batches from pools of n sorted by length (less padding)
 
 
 @dataclass
@@ -48,12 +49,20 @@ class ModelSection:
     text_layers: Optional[int] = None  # keep only the first N LM layers (fast tests)
     finetune_lm: bool = False
     lm_unfreeze_step: int = 0  # with finetune_lm: LM lr stays 0 until this optimizer step
+    # With a frozen LM (finetune_lm false) each training caption's pooled LM features are
+    # computed once and cached (rehamot/text_cache.py); false: run the LM every step
+    text_cache: bool = True
+    text_cache_dir: Optional[str] = None  # None: <shards>/text-cache if writable, else <run.root>/text-cache
     d_model: int = 256
     layers: int = 3
     heads: int = 4
     ff: int = 1024
     dropout: float = 0.1
     embed_dim: int = 1024
+    # Training runs the motion tower on this many length-sorted groups of each batch's rows,
+    # each cut to its own longest motion: same embeddings and batches, less padding
+    length_chunks: int = 8
+    compile: bool = False  # torch.compile the motion tower in place (slower on CPU: benchmarks.md)
 
 
 @dataclass
@@ -66,7 +75,7 @@ class LossSection:
     warmup_loss: str = "sh"
     warmup_steps: int = 0
     warmup_epochs: int = 0
-    chunk_size: int = 4096
+    chunk_size: int = 0  # loss columns per chunk; 0: auto (~4M score cells per chunk)
     temperature: float = 0.07  # InfoNCE initial temperature (learnable)
 
 
@@ -75,6 +84,9 @@ class TrainSection:
     epochs: int = 10
     max_steps: Optional[int] = None  # optimizer steps; stops early
     batch_size: int = 32  # per process and per optimizer step
+    # GradCache (rehamot/grad_cache.py): split each step's batch into k micro-batches; the loss
+    # still sees every negative of the global batch. Must divide batch_size; DDP only.
+    micro_batches: int = 1
     lr: float = 2e-4
     lm_lr: float = 2e-5
     weight_decay: float = 0.0
@@ -121,6 +133,9 @@ def _check_choices(cfg: Config) -> None:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
     if cfg.train.batch_size < 1:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size}: must be >= 1")
+    if cfg.train.micro_batches < 1 or cfg.train.batch_size % cfg.train.micro_batches:
+        raise ConfigError(f"train.micro_batches={cfg.train.micro_batches}: must be >= 1 and divide "
+                          f"train.batch_size={cfg.train.batch_size} (each step's batch is split evenly)")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

@@ -28,11 +28,13 @@ import torch
 
 from rehamot import checkpoint as ckpt
 from rehamot import distributed as dist_utils
+from rehamot import text_cache as feature_cache
 from rehamot.config import DEFAULT_CONFIG, Config, ConfigError, load_config, to_yaml
 from rehamot.data import DataConfig, EvalSet, TrainStream
 from rehamot.data.schema import load_manifest
 from rehamot.evaluate import encode_split, evaluate_encoded, evaluate_model, print_results, write_eval_figures
 from rehamot.export import export_bundle
+from rehamot.grad_cache import DEEPSPEED_REFUSAL, backward_through_cache, embed_without_grad
 from rehamot.lr_schedule import gated, lr_multiplier
 from rehamot.model_factory import build_model, build_tokenizer
 from rehamot.objective import STATS_KEYS, GlobalBatchObjective, LossConfig, stats_vector, summarize_stats
@@ -160,7 +162,7 @@ def data_config(cfg: Config, split: str) -> DataConfig:
     return DataConfig(
         shards=d.shards, split=split, batch_size=cfg.train.batch_size, num_workers=d.num_workers,
         min_len=d.min_len, max_len=d.max_len, shuffle_buffer=d.shuffle_buffer, seed=cfg.seed,
-        strict=d.strict, max_text_len=d.max_text_len,
+        strict=d.strict, max_text_len=d.max_text_len, length_buckets=d.length_buckets,
     )
 
 
@@ -204,6 +206,8 @@ class Trainer:
 
         self.cfg, self.manifest = cfg, manifest
         self.acc = build_accelerator(cfg)
+        if cfg.train.micro_batches > 1 and self.acc.distributed_type.value == "DEEPSPEED":
+            raise SystemExit(DEEPSPEED_REFUSAL)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         set_seed(cfg.seed)
         self.run_dir = choose_run_dir(cfg, self.acc)
@@ -213,7 +217,10 @@ class Trainer:
         self.acc.wait_for_everyone()
 
         self.tokenizer = build_tokenizer(cfg)
-        self.stream = TrainStream(data_config(cfg, cfg.data.train_split), self.tokenizer, self.rank, self.world)
+        self.use_text_cache = feature_cache.cache_enabled(cfg.model.text_cache, cfg.model.finetune_lm)
+        # with the text cache the loader does not tokenise: each caption's LM features are looked up
+        self.stream = TrainStream(data_config(cfg, cfg.data.train_split),
+                                  None if self.use_text_cache else self.tokenizer, self.rank, self.world)
         self.steps_per_epoch = self.stream.steps_per_epoch
         total = cfg.train.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
@@ -228,6 +235,7 @@ class Trainer:
             # accelerate registers the ZeRO config with transformers, whose from_pretrained then
             # partitions every model built later (ZeRO-3): evaluation copies and bundles must be plain.
             unset_hf_deepspeed_config()
+        self.text_cache = self.load_text_cache() if self.use_text_cache else None
         self.objective = GlobalBatchObjective(
             LossConfig(
                 name=cfg.loss.name, margin=cfg.loss.margin, threshold_motion=cfg.loss.threshold_motion,
@@ -317,12 +325,53 @@ class Trainer:
             self.best_rsum = metrics["rsum"]
             self.export("best", {"step": self.step, "val": metrics})
 
+    # -- frozen-LM text features -----------------------------------------------------------
+    def load_text_cache(self) -> feature_cache.TextFeatureCache:
+        """Every training caption's frozen-LM features, loaded, or built in parallel by all ranks."""
+        cfg = self.cfg
+        encoder = self.acc.unwrap_model(self.model).text
+        plugin = self.acc.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:  # partitioned weights: a forward is a collective
+            from rehamot.model_factory import text_config
+            from rehamot.models import TextEncoder
+
+            with torch.random.fork_rng(devices=[]):  # the copy must not move the training RNG
+                encoder = TextEncoder(text_config(cfg)).to(self.acc.device)
+        result = feature_cache.load_or_build(
+            encoder, self.tokenizer, shards=cfg.data.shards, split=cfg.data.train_split,
+            cache_dir=cfg.model.text_cache_dir or feature_cache.default_cache_dir(cfg.data.shards, cfg.run.root),
+            max_text_len=cfg.data.max_text_len, rank=self.rank, world=self.world,
+            barrier=self.acc.wait_for_everyone, parts_dir=self.run_dir / "text-cache-parts",
+            device=self.acc.device, strict=cfg.data.strict,
+        )
+        if self.acc.is_main_process:
+            print(f"text cache: {'built' if result.built else 'loaded'} {result.cache.path} "
+                  f"({len(result.cache)} captions, {result.seconds:.1f} s)", flush=True)
+        return result.cache
+
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch's tensors on the device; with the text cache, the captions' frozen-LM
+        features (B, H) stand in for their token ids."""
+        inputs = to_device(batch, self.acc.device)
+        if self.text_cache is not None:
+            inputs["text_features"] = self.text_cache.lookup(batch["texts"]).to(self.acc.device, non_blocking=True)
+        return inputs
+
     # -- the loop -----------------------------------------------------------------------------
+    def forward_towers(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.acc.autocast():
+            return self.model(inputs)
+
     def train_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
         model = self.model
-        inputs = to_device(batch, self.acc.device)
-        with self.acc.autocast():
-            motion_emb, text_emb = model(inputs)
+        inputs = self.model_inputs(batch)
+        cached = None
+        if self.cfg.train.micro_batches > 1:  # GradCache: embeddings now, the towers' graphs after the checks
+            cached = embed_without_grad(self.forward_towers, inputs, self.cfg.train.micro_batches)
+            motion_emb, text_emb = cached.motion, cached.text
+        else:
+            with self.acc.autocast():
+                motion_emb, text_emb = model(inputs)
         unwrapped = self.acc.unwrap_model(model)
         out = self.objective(motion_emb.float(), text_emb.float(), inputs["motion_index"],
                              step=self.step, epoch=self.epoch, logit_scale=-torch.log(unwrapped.temperature()))
@@ -346,7 +395,12 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
             return {**stats, "skipped": 1.0, "loss_name": out.loss_name}
-        self.acc.backward(loss)
+        if cached is not None:
+            backward_through_cache(cached, loss, self.forward_towers, backward=self.acc.backward,
+                                   no_sync=lambda: self.acc.no_sync(model),
+                                   loss_params=[p for p in (unwrapped.logit_scale,) if p.requires_grad])
+        else:
+            self.acc.backward(loss)
         if self.cfg.train.grad_clip > 0 and self.acc.sync_gradients and self.acc.distributed_type.value != "DEEPSPEED":
             self.acc.clip_grad_norm_(model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
@@ -360,6 +414,9 @@ class Trainer:
         self.maybe_resume()
         self.skipped_steps = 0
         self.log = RunLog(self.run_dir, self.total_steps, self.step) if acc.is_main_process else NullLog()
+        if cfg.train.micro_batches > 1:
+            self.log.print(f"GradCache: {cfg.train.micro_batches} micro-batches of "
+                           f"{cfg.train.batch_size // cfg.train.micro_batches} per step (batch {cfg.train.batch_size} per process)")
         val_every = cfg.train.val_every or self.steps_per_epoch
         save_every = cfg.train.save_every or self.steps_per_epoch
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
