@@ -1,6 +1,6 @@
 """Evaluate an exported bundle (or a model in training) on a split, under named protocols.
 
-    python rehamot/evaluate.py RUN_DIR [--split test] [--protocol captions|tmr-all|...|every]
+    python rehamot/evaluate.py RUN_DIR [--split test] [--protocol captions|tmr-all|...|LIST|every]
         [--sentence-model PATH] [--threshold 0.95] [--nsim humanml3d|kitml|FILE]
     torchrun --nproc_per_node 2 rehamot/evaluate.py RUN_DIR ...   (same numbers, shared work)
 
@@ -181,7 +181,11 @@ def plan_protocols(requested: str, motion_ids: Sequence[str], nsim: str | None) 
     A protocol asked for by name that cannot run on this split raises ValueError instead:
     silently reporting nothing would look like a result.
     """
-    wanted = list(PROTOCOLS) if requested == "every" else [requested]
+    wanted = list(PROTOCOLS) if requested == "every" else requested.split(",")
+    unknown = [p for p in wanted if p not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {', '.join(unknown)}: expected {', '.join(PROTOCOLS)}, "
+                         "a comma-separated list of them, or every")
     reasons: dict[str, str] = {}
     if "tmr-nsim" in wanted:
         if nsim is None:
@@ -195,8 +199,10 @@ def plan_protocols(requested: str, motion_ids: Sequence[str], nsim: str | None) 
                                        f"e.g. {missing[:3]}")
     if "tmr-batch32" in wanted and len(motion_ids) < TMR_BATCH_SIZE:
         reasons["tmr-batch32"] = f"needs at least {TMR_BATCH_SIZE} motions, this split has {len(motion_ids)}"
-    if requested != "every" and requested in reasons:
-        raise ValueError(f"protocol {requested}: {reasons[requested]}")
+    if requested != "every":
+        for protocol in wanted:
+            if protocol in reasons:
+                raise ValueError(f"protocol {protocol}: {reasons[protocol]}")
     return [p for p in wanted if p not in reasons], reasons
 
 
@@ -265,7 +271,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run dir (its best/ or final/ bundle) or a bundle folder")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--protocol", default="captions", choices=(*PROTOCOLS, "every"))
+    parser.add_argument("--protocol", default="captions",
+                        help=f"one of {', '.join(PROTOCOLS)}, a comma-separated list of them, or every")
     parser.add_argument("--shards", default=None, help="shard folder (default: the run's data.shards)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--sentence-model", default=None,

@@ -170,6 +170,11 @@ def test_plan_protocols_skips_only_under_every():
         plan_protocols("tmr-nsim", large, None)
     with pytest.raises(ValueError, match="100 ids of the humanml3d nsim list are not in this split"):
         plan_protocols("tmr-nsim", large, "humanml3d")
+    assert plan_protocols("captions,tmr-all,tmr-batch32", large, None) == (["captions", "tmr-all", "tmr-batch32"], {})
+    with pytest.raises(ValueError, match="tmr-batch32: needs at least 32"):
+        plan_protocols("captions,tmr-batch32", small, None)
+    with pytest.raises(ValueError, match=r"unknown protocol\(s\) tmr-al:"):
+        plan_protocols("captions,tmr-al", large, None)
 
 
 def test_search_cli_both_ways(indexed, run_dir):
