@@ -32,3 +32,13 @@ def demo_shards(tmp_path_factory) -> Path:
     run_cli([sys.executable, "shards/make_shards.py", "demo", "--motions", "300", "--out", str(out),
              "--workers", "2", "--shard-mb", "2"])
     return out
+
+# Overrides for seconds-long end-to-end runs: a tiny motion tower and a 1-layer MiniLM.
+TINY_RUN = [
+    "model.d_model=32", "model.layers=1", "model.heads=2", "model.ff=64", "model.embed_dim=64",
+    "model.text_layers=1", "model.dropout=0.0", "train.batch_size=16", "data.num_workers=0",
+    "train.log_every=1", "train.schedule=constant", "train.eval_batch_size=64", "loss.warmup_steps=2",
+    "loss.warmup_epochs=0", "train.lr_warmup_steps=0",
+    # an untrained tiny model maps everything close together: 0.75 would drop every negative
+    "loss.threshold_motion=0.99", "loss.threshold_text=0.99",
+]

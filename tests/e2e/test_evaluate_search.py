@@ -8,17 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import TINY_RUN, run_cli
 
 pytestmark = pytest.mark.slow
 
-# As in test_train.py: a tiny motion tower and a 1-layer MiniLM keep the run to seconds.
-TINY = [
-    "model.d_model=32", "model.layers=1", "model.heads=2", "model.ff=64", "model.embed_dim=64",
-    "model.text_layers=1", "model.dropout=0.0", "train.batch_size=16", "data.num_workers=0",
-    "train.log_every=1", "train.schedule=constant", "train.eval_batch_size=64", "loss.warmup_steps=2",
-    "loss.warmup_epochs=0", "train.lr_warmup_steps=0", "loss.threshold_motion=0.99", "loss.threshold_text=0.99",
-]
+TINY = [*TINY_RUN]
 THRESHOLD_PROTOCOL = "tmr-threshold(MiniLM)"
 
 

@@ -16,18 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, TINY_RUN
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model.d_model=32", "model.layers=1", "model.heads=2", "model.ff=64", "model.embed_dim=64",
-    "model.text_layers=1", "model.dropout=0.0", "train.batch_size=16", "data.num_workers=0",
-    "train.log_every=1", "train.schedule=constant", "train.eval_batch_size=64", "loss.warmup_steps=2",
-    "loss.warmup_epochs=0", "train.lr_warmup_steps=0", "train.val_every=1000", "train.max_steps=5",
-    # an untrained tiny model maps everything close together: 0.75 would drop every negative
-    "loss.threshold_motion=0.99", "loss.threshold_text=0.99",
-]
+TINY = [*TINY_RUN, "train.val_every=1000", "train.max_steps=5"]
 
 
 def launch(overrides: list[str]) -> subprocess.Popen:

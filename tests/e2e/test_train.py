@@ -8,19 +8,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import TINY_RUN, run_cli
 
 pytestmark = pytest.mark.slow
 
 # A tiny motion tower and a 1-layer MiniLM keep each launch to seconds on 2 cores.
-TINY = [
-    "model.d_model=32", "model.layers=1", "model.heads=2", "model.ff=64", "model.embed_dim=64",
-    "model.text_layers=1", "model.dropout=0.0", "train.batch_size=16", "data.num_workers=0",
-    "train.log_every=1", "train.schedule=constant", "train.eval_batch_size=64", "loss.warmup_steps=2",
-    "loss.warmup_epochs=0", "train.lr_warmup_steps=0",
-    # an untrained tiny model maps everything close together: 0.75 would drop every negative
-    "loss.threshold_motion=0.99", "loss.threshold_text=0.99",
-]
+TINY = [*TINY_RUN]
 
 
 def torchrun(nproc: int, overrides: list[str], env: dict[str, str] | None = None, check: bool = True):
