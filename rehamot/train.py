@@ -370,8 +370,7 @@ class Trainer:
             cached = embed_without_grad(self.forward_towers, inputs, self.cfg.train.micro_batches)
             motion_emb, text_emb = cached.motion, cached.text
         else:
-            with self.acc.autocast():
-                motion_emb, text_emb = model(inputs)
+            motion_emb, text_emb = self.forward_towers(inputs)
         unwrapped = self.acc.unwrap_model(model)
         out = self.objective(motion_emb.float(), text_emb.float(), inputs["motion_index"],
                              step=self.step, epoch=self.epoch, logit_scale=-torch.log(unwrapped.temperature()))
