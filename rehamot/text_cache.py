@@ -7,8 +7,9 @@ backbone features (float32, what the head takes).
 
 The file: one safetensors file `text-features-<key>.safetensors` holding `features` (N, H)
 float32 and the texts as UTF-8 bytes + offsets (no pickle, no header-size limit). Its metadata
-carries the key, the identity it was built from and a sha256 of the tensors' bytes, verified
-on every load: a corrupt or truncated file is reported by name, removed and rebuilt.
+carries the key, the identity it was built from and a sha256 of the tensors' bytes and of the
+rest of the metadata, verified on every load: a corrupt or truncated file is reported by
+name, removed and rebuilt.
 
 The key hashes what determines the features: the LM's content fingerprint (weights, config,
 tokenizer files, pooling, layers kept, max length; see TextEncoder.fingerprint) and the
@@ -57,7 +58,7 @@ from rehamot.data.reading import (
 log = logging.getLogger("rehamot.text_cache")
 
 CACHE_FORMAT = "rehamot-text-features"
-CACHE_VERSION = 1  # bump when the file layout or what the features mean changes
+CACHE_VERSION = 2  # bump when the file layout or what the features mean changes
 FILE_PREFIX = "text-features-"
 ENCODE_BATCH = 256  # captions per LM forward while building
 
@@ -202,8 +203,10 @@ def _unpack_texts(data: torch.Tensor, offsets: torch.Tensor) -> list[str]:
     return [raw[a:b].decode("utf-8") for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _checksum(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
+def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 of every tensor (name, dtype, shape, bytes) and of the metadata but itself."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != "sha256"},
+                                       sort_keys=True).encode())
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
@@ -216,7 +219,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={**metadata, "sha256": _checksum(tensors)})
+              metadata={**metadata, "sha256": _checksum(tensors, metadata)})
     os.replace(tmp, path)
 
 
@@ -227,7 +230,7 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as exn:  # safetensors raises its own error types for a damaged header
         raise CorruptCache(f"unreadable: {exn}") from exn
-    if metadata.get("sha256") != _checksum(tensors):
+    if metadata.get("sha256") != _checksum(tensors, metadata):
         raise CorruptCache("checksum mismatch (bytes changed or truncated)")
     return tensors, metadata
 

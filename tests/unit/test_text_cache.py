@@ -169,7 +169,7 @@ def test_with_shard_checksums_a_start_reads_no_shard(encoder, tokenizer, tmp_pat
     assert not again.built and again.cache.texts == first.cache.texts
 
 
-@pytest.mark.parametrize("damage", ["flip-features", "flip-header", "truncate"])
+@pytest.mark.parametrize("damage", ["flip-features", "flip-header", "flip-identity", "truncate"])
 def test_a_corrupt_cache_is_rebuilt_with_a_warning_naming_it(encoder, tokenizer, tmp_path, caplog, damage):
     shards = shard_set(tmp_path / "shards")
     first = build(encoder, tokenizer, shards.root, tmp_path / "cache")
@@ -180,6 +180,10 @@ def test_a_corrupt_cache_is_rebuilt_with_a_warning_naming_it(encoder, tokenizer,
         data[8 + header + 1000] ^= 0x01  # one bit in the data section (a feature: offsets take 248 bytes)
     elif damage == "flip-header":
         data[8 + header // 2] ^= 0x20
+    elif damage == "flip-identity":  # valid JSON still, in metadata no load step reads: the checksum covers it
+        at = data.index(b'"identity"', 8, 8 + header)
+        at = data.index(b"pooling", at, 8 + header) + 1
+        data[at] ^= 0x20  # "pooling" -> "pOoling"
     else:
         data = data[: len(data) * 2 // 3]
     path.write_bytes(bytes(data))
