@@ -90,6 +90,9 @@ class TrainSection:
     lr: float = 2e-4
     lm_lr: float = 2e-5
     weight_decay: float = 0.0
+    # AdamW as one fused kernel per parameter (CPU and GPU): 7.6x faster a step than the
+    # per-parameter loop over the fine-tuned model's 26M parameters (benchmarks.md)
+    fused_adamw: bool = True
     grad_clip: float = 0.0  # max global grad norm; 0 disables
     schedule: str = "step"  # constant | step | cosine
     lr_warmup_steps: int = 0

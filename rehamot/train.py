@@ -169,7 +169,7 @@ def data_config(cfg: Config, split: str) -> DataConfig:
 def build_optimizer(model, cfg: Config, total_steps: int):
     t = cfg.train
     groups = model.param_groups(lr=t.lr, lm_lr=t.lm_lr, weight_decay=t.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, fused=t.fused_adamw or None)
     base = lr_multiplier(t.schedule, total_steps, t.lr_warmup_steps, t.decay_steps, t.decay_factor)
     lambdas = [gated(base, cfg.model.lm_unfreeze_step) if g["name"] == "lm" else base for g in groups]
     # An LM fine-tuned from step N is trainable from the start (DDP and ZeRO fix the trainable
