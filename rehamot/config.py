@@ -62,6 +62,8 @@ class ModelSection:
     # Training runs the motion tower on this many length-sorted groups of each batch's rows,
     # each cut to its own longest motion: same embeddings and batches, less padding
     length_chunks: int = 8
+    # The same for the language model's captions (fine-tuned LM, text-cache build, evaluation)
+    text_length_chunks: int = 4
     compile: bool = False  # torch.compile the motion tower in place (slower on CPU: benchmarks.md)
 
 

@@ -20,6 +20,7 @@ def text_config(cfg: Config) -> TextEncoderConfig:
         embed_dim=m.embed_dim,
         num_layers=m.text_layers,
         max_length=cfg.data.max_text_len,
+        length_chunks=m.text_length_chunks,
     )
 
 

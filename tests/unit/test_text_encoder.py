@@ -213,3 +213,59 @@ def test_fingerprint_follows_content_not_location(distilbert_dir: Path, tmp_path
     assert edited["tokenizer_sha256"] != after["tokenizer_sha256"] and edited["digest"] != after["digest"]
     shorter = TextEncoder(TextEncoderConfig(model=str(folder), max_length=32)).fingerprint()
     assert shorter["digest"] != edited["digest"]
+
+
+# --- length chunks: the captions run as length-sorted row groups ----------------------------------
+
+CAPTIONS = [  # lengths from 4 to ~30 tokens, so the chunks cut real padding
+    "a person waves",
+    "a man walks forward, turns around to his left and walks back to where he started from",
+    "someone jumps",
+    "the person raises both arms above the head, holds them there and slowly lowers them back down",
+    "a figure kicks with the right leg",
+    "a person sits down",
+    "a person does a cartwheel to the left and then stands still",
+]
+
+
+@pytest.mark.parametrize("chunks", [2, 4, 50])
+def test_text_length_chunks_give_the_same_features_and_gradients(chunks) -> None:
+    from torch.profiler import profile
+
+    whole = TextEncoder(TextEncoderConfig(finetune=True, num_layers=2, dropout=0.0)).train()
+    chunked = TextEncoder(TextEncoderConfig(finetune=True, num_layers=2, dropout=0.0, length_chunks=chunks)).train()
+    chunked.load_state_dict(whole.state_dict())
+    batch = tokenize(load_tokenizer(whole.cfg), CAPTIONS, max_length=64)
+    with profile(record_shapes=True) as prof:
+        ours = chunked(**batch)
+    # One backbone pass per group (capped at the batch size), fewer token rows than the padded batch.
+    embeds = [e for e in prof.events() if e.name == "aten::embedding" and e.input_shapes
+              and len(e.input_shapes[1]) == 2 and e.input_shapes[0][0] == 30522]
+    assert len(embeds) == min(chunks, len(CAPTIONS))
+    assert sum(s[0] * s[1] for s in (e.input_shapes[1] for e in embeds)) < batch["input_ids"].numel() * 0.8
+    reference = whole(**batch)
+    torch.testing.assert_close(ours, reference, atol=2e-6, rtol=0)
+    weights = torch.randn_like(ours)
+    (ours * weights).sum().backward()
+    (reference * weights).sum().backward()
+    for (name, a), b in zip(chunked.named_parameters(), whole.parameters()):
+        if b.grad is None:
+            assert a.grad is None, name
+            continue
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_text_length_chunks_replay_dropout_and_keep_frozen_features(minilm: TextEncoder) -> None:
+    tuned = TextEncoder(TextEncoderConfig(finetune=True, num_layers=1, length_chunks=3)).train()
+    batch = tokenize(load_tokenizer(tuned.cfg), CAPTIONS, max_length=64)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        first = tuned(**batch)  # GradCache's no-grad pass ...
+    torch.set_rng_state(state)
+    torch.testing.assert_close(tuned(**batch).detach(), first, atol=0, rtol=0)  # ... and its replay
+    frozen = TextEncoder(TextEncoderConfig(length_chunks=4))
+    frozen.load_state_dict(minilm.state_dict())
+    with torch.no_grad():  # the frozen features the text cache stores do not depend on the chunks
+        torch.testing.assert_close(frozen.features(**batch), minilm.features(**batch), atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="length_chunks"):
+        TextEncoder(TextEncoderConfig(length_chunks=0))
