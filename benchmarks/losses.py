@@ -9,7 +9,12 @@ the best epoch, the test split is scored from that bundle) followed by
   threshold   droptriple with theta_m = theta_t in --thresholds, first seed
   global      mh, droptriple at batch B*W for W in --worlds, first seed: by the exactness of the
               global-batch objective (tests/multiprocess/test_objective_mp.py) one process with
-              batch W*B trains the same as W ranks x B
+              batch W*B trains the same as W ranks x B; same epochs, so fewer steps
+  steps       the global sweep at equal steps: batch W*B for W*epochs (W > 1; W = 1 is the main
+              grid's run) with the SH warm-up at W epochs, so every G gets the same number of
+              steps, the same warm-up steps and the same learning-rate schedule
+  long        --long-losses for --long-factor x the epochs (first seed): do the single-negative
+              losses catch up with SH / InfoNCE given more steps?
 
     python shards/make_shards.py demo --motions 2000 --out data/demo
     HF_HUB_OFFLINE=1 python benchmarks/losses.py --shards data/demo --out runs/losses
@@ -68,7 +73,25 @@ def plan(args: argparse.Namespace) -> list[Run]:
         for loss in ("mh", "droptriple"):
             runs.append(Run("global", f"{loss}-G{world * args.batch}", seeds[0], (
                 f"loss.name={loss}", f"train.batch_size={world * args.batch}")))
-    return runs
+    for world in args.worlds:
+        if world == 1:
+            continue
+        for loss in ("mh", "droptriple"):
+            runs.append(Run("steps", f"{loss}-G{world * args.batch}", seeds[0], (
+                f"loss.name={loss}", f"train.batch_size={world * args.batch}",
+                f"train.epochs={world * args.epochs}", f"loss.warmup_epochs={world}")))
+    for loss in args.long_losses:
+        warmup = ("loss.warmup_epochs=0",) if loss == "infonce" else ()
+        runs.append(Run("long", f"{loss}-x{args.long_factor}", seeds[0], (
+            f"loss.name={loss}", f"train.epochs={args.long_factor * args.epochs}", *warmup)))
+    # longest first, so the last job is a short one and both slots finish together
+    return sorted(runs, key=lambda r: -_cost(r, args))
+
+
+def _cost(run: Run, args: argparse.Namespace) -> float:
+    """Samples seen, relative to a main-grid run (the step time grows with the batch)."""
+    epochs = next((float(o.split("=")[1]) for o in run.overrides if o.startswith("train.epochs=")), args.epochs)
+    return epochs / args.epochs * (2.0 if "model.finetune_lm=true" in run.overrides else 1.0)
 
 
 def execute(run: Run, args: argparse.Namespace, threads: int) -> dict:
@@ -144,8 +167,10 @@ def main() -> int:
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--batch", type=int, default=64, help="B per rank of the global-batch sweep")
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--long-factor", type=int, default=3, help="epochs multiplier of the long grid")
+    parser.add_argument("--long-losses", nargs="+", default=["sh", "mh", "droptriple"])
     parser.add_argument("--jobs", type=int, default=2, help="trainings at once (threads = 2 // jobs, at least 1)")
-    parser.add_argument("--grids", nargs="+", default=["main", "tuned", "threshold", "global"])
+    parser.add_argument("--grids", nargs="+", default=["main", "tuned", "threshold", "global", "steps", "long"])
     parser.add_argument("--override", action="append", default=[], help="extra key=value for every run")
     parser.add_argument("--report", action="store_true", help="print the tables of OUT/results.jsonl and exit")
     args = parser.parse_args()
