@@ -167,16 +167,33 @@ def instantiate_original(cfg: Any, nfeats: int) -> Any:
 
 
 # -- the workers: one launch, one setting --------------------------------------------------------
-def measure(steps: int, warmup: int, step: Callable[[], tuple[int, float]]) -> list[dict[str, float]]:
-    """Run warmup + steps calls of `step` (returns padded and mean real frames); time each."""
+def measure(steps: int, warmup: int, step: Callable[[], tuple[int, float]],
+            profile: str | None = None) -> list[dict[str, float]]:
+    """Run warmup + steps calls of `step` (returns padded and mean real frames); time each.
+    With `profile` (a file path), the measured steps also run under torch.profiler and its
+    operator table (self CPU time, per step) goes to that file: the profiler's overhead is in
+    those steps' times, so a profiled launch is for where time goes, not for samples/s."""
+    import contextlib
+
     rows = []
+    profiler: Any = contextlib.nullcontext()
     for i in range(warmup + steps):
+        if i == warmup and profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            profiler = torch_profile(activities=[ProfilerActivity.CPU])
+            profiler.__enter__()
         wall, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         padded, real = step()
         after = resource.getrusage(resource.RUSAGE_SELF)
         if i >= warmup:
             rows.append({"wall": time.perf_counter() - wall, "user": after.ru_utime - usage.ru_utime,
                          "sys": after.ru_stime - usage.ru_stime, "padded": padded, "real": real})
+    if profile:
+        profiler.__exit__(None, None, None)
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60)
+        Path(profile).write_text(f"{steps} measured steps (totals over them)\n{table}")
     return rows
 
 
@@ -199,7 +216,7 @@ def original_worker(args: argparse.Namespace) -> dict[str, Any]:
         model.train_emb(**batch, val_step=opt.val_step, init=False)
         return batch["motion"].shape[1], sum(batch["length"]) / len(batch["length"])
 
-    rows = measure(args.steps, args.warmup, step)
+    rows = measure(args.steps, args.warmup, step, args.profile_file)
     return {"rows": rows, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__,
             "text_trainable": sum(p.numel() for p in model.textencoder.parameters() if p.requires_grad)}
@@ -233,7 +250,7 @@ def ours_worker(args: argparse.Namespace) -> dict[str, Any]:
             trainer.step += 1
             return batch["motion"].shape[1], float(batch["motion_mask"].sum(1).float().mean())
 
-        rows = measure(args.steps, args.warmup, step)
+        rows = measure(args.steps, args.warmup, step, args.profile_file)
         model = trainer.acc.unwrap_model(trainer.model)
         text_trainable = sum(p.numel() for p in model.text.parameters() if p.requires_grad)
         speed = {f"{section}.{key}": getattr(getattr(cfg, section), key, None)  # None: not in our schema (yet)
@@ -252,7 +269,8 @@ def launch(impl: str, lm: str, threads: int, args: argparse.Namespace, python: s
                "--corpus", str(args.corpus), "--source", str(args.source), "--splits", str(args.splits),
                "--shards", str(args.shards), "--text-model", args.text_model, "--batch-size", str(args.batch_size),
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--loader-workers", str(args.loader_workers),
-               *[f"--ours-override={o}" for o in args.ours_override]]
+               *[f"--ours-override={o}" for o in args.ours_override],
+               *(["--profile-file", str(args.profile / f"{impl}-{lm}-{threads}.txt")] if args.profile else [])]
         proc = subprocess.run(cmd, env=worker_env(threads), capture_output=True, text=True, cwd=REPO)
         if proc.returncode != 0 or not result.is_file():
             raise SystemExit(f"{impl} {lm}:{threads}: exited {proc.returncode}\n{' '.join(cmd)}\n{proc.stderr[-4000:]}")
@@ -305,8 +323,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ours-override", action="append", default=[],
                         help="extra config key=value for ours (repeatable), e.g. data.length_buckets=8")
     parser.add_argument("--json", type=Path, help="also write every launch's figures here")
+    parser.add_argument("--profile", type=Path, help="write each setting's torch.profiler operator table (last "
+                        "launch) to PROFILE/IMPL-LM-THREADS.txt; profiled launches run slower, so their "
+                        "samples/s are not the comparison")
     parser.add_argument("--worker", choices=("original", "ours"), help=argparse.SUPPRESS)
-    for hidden in ("--result", "--lm", "--source", "--splits", "--shards", "--text-model"):
+    for hidden in ("--result", "--lm", "--source", "--splits", "--shards", "--text-model", "--profile-file"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -318,6 +339,8 @@ def main() -> None:
         Path(args.result).write_text(json.dumps(out))
         return
     python = original_python(args.original.resolve(), args.original_python)
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     args.shards, args.source = args.corpus.resolve(), args.corpus.resolve() / "source"
     if not (args.shards / "manifest.json").is_file() or not (args.source / "train.txt").is_file():
         raise SystemExit(f"--corpus {args.corpus}: expected manifest.json and source/; build it with\n"
