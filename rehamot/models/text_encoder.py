@@ -11,7 +11,7 @@ Padding: captions are padded to the batch's longest (1.8x the real tokens on the
 captions at batch 32). With `length_chunks = k > 1` the backbone runs on k groups of rows
 sorted by length, each cut to its own longest caption (1.2x at k = 4): padded tokens never
 reach a real token's attention, so the features are the same, and the fine-tuned LM's
-forward and backward (and the frozen-feature cache build) do less work.
+forward and backward (and evaluation's encoding) do less work.
 """
 from __future__ import annotations
 
