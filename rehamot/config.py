@@ -60,10 +60,11 @@ class ModelSection:
     dropout: float = 0.1
     embed_dim: int = 1024
     # Training runs the motion tower on this many length-sorted groups of each batch's rows,
-    # each cut to its own longest motion: same embeddings and batches, less padding
-    length_chunks: int = 8
-    # The same for the language model's captions (fine-tuned LM, text-cache build, evaluation)
-    text_length_chunks: int = 4
+    # each cut to its own longest motion: same embeddings and batches, less padding.
+    # 0 = auto: 8 on CPU, 1 (off) on GPUs, where the extra launches cost more than the padding
+    length_chunks: int = 0
+    # The same for the language model's captions (fine-tuned LM, evaluation); 0 = auto: 4 on CPU
+    text_length_chunks: int = 0
     compile: bool = False  # torch.compile the motion tower in place (slower on CPU: benchmarks.md)
 
 

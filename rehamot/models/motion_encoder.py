@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rehamot.models.length_chunks import auto_chunks
+
 # nn.TransformerEncoder's inference fast path packs padded batches into nested tensors and
 # warns once per process that they are a prototype; the path is exact (tests check it).
 warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
@@ -49,7 +51,7 @@ class MotionEncoderConfig:
     embed_dim: int = 1024
     # Training runs the batch as this many groups of rows sorted by length, each trimmed to
     # its own longest motion (same embeddings, less padding: see MotionEncoder.summary).
-    length_chunks: int = 1
+    length_chunks: int = 1  # 0 = auto: CPU_LENGTH_CHUNKS on CPU, 1 (off) on accelerators
 
 
 def sinusoidal_positions(max_len: int, dim: int) -> Tensor:
@@ -72,6 +74,9 @@ def dropout_keep_probability(p: float) -> float:
     Kept values are scaled by 1 / this, so the expectation is exactly the input.
     """
     return (_UNIFORM_LEVELS - round(p * _UNIFORM_LEVELS)) / _UNIFORM_LEVELS
+
+
+CPU_LENGTH_CHUNKS = 8  # padded/real frames 1.48 -> 1.05 on demo lengths at batch 32
 
 
 def fast_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
@@ -144,8 +149,8 @@ class MotionEncoder(nn.Module):
         cfg = cfg or MotionEncoderConfig()
         if cfg.d_model % cfg.heads:
             raise ValueError(f"d_model {cfg.d_model} is not divisible by heads {cfg.heads}")
-        if cfg.length_chunks < 1:
-            raise ValueError(f"length_chunks must be >= 1, got {cfg.length_chunks}")
+        if cfg.length_chunks < 0:
+            raise ValueError(f"length_chunks must be >= 1, or 0 for auto, got {cfg.length_chunks}")
         self.cfg = cfg
         self.input_proj = nn.Linear(cfg.feature_dim, cfg.d_model)
         # randn as in the original; post-norm layers make its scale irrelevant.
@@ -187,7 +192,7 @@ class MotionEncoder(nn.Module):
             mask = torch.ones(batch, frames, dtype=torch.bool, device=motion.device)
         elif mask.shape != (batch, frames) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool (B, T) = {(batch, frames)}, got {mask.dtype} {tuple(mask.shape)}")
-        chunks = min(self.cfg.length_chunks, batch)
+        chunks = min(auto_chunks(self.cfg.length_chunks, motion.device, CPU_LENGTH_CHUNKS), batch)
         # The eval fast path (no grad) packs the batch into a nested tensor: no padding to save.
         if chunks > 1 and (self.training or torch.is_grad_enabled()):
             return self._summary_by_length(motion, mask, chunks)

@@ -215,7 +215,7 @@ def test_length_chunks_replay_the_same_dropout_masks_and_skip_eval():
         fast = encoder(motion, mask)
     assert [e.name for e in prof.events()].count("aten::_transformer_encoder_layer_fwd") == 2  # one pass
     with pytest.raises(ValueError, match="length_chunks"):
-        MotionEncoder(small(length_chunks=0))
+        MotionEncoder(small(length_chunks=-1))
     assert torch.isfinite(fast).all()
 
 
@@ -226,8 +226,23 @@ def test_compile_flag_compiles_the_motion_tower_in_place():
     cfg = load_config(None, ["model.d_model=32", "model.layers=1", "model.heads=2", "model.ff=64",
                              "model.embed_dim=48", "model.text_layers=1", "model.compile=true"])
     model = build_model(cfg, feature_dim=12)
-    assert model.motion.cfg.length_chunks == 8  # model.length_chunks, the config default
+    assert model.motion.cfg.length_chunks == 0  # model.length_chunks, the config default (auto)
     assert model.motion._compiled_call_impl is not None  # compiles lazily, at the first call
     assert model.text._compiled_call_impl is None
     eager = MotionEncoder(MotionEncoderConfig(feature_dim=12, d_model=32, layers=1, heads=2, ff=64, embed_dim=48))
     assert list(model.motion.state_dict()) == list(eager.state_dict())  # checkpoints load either way
+
+
+def test_auto_length_chunks_follow_the_device():
+    from rehamot.models.length_chunks import auto_chunks
+
+    assert auto_chunks(0, torch.device("cpu"), 8) == 8
+    assert auto_chunks(0, torch.device("cuda"), 8) == 1  # only the device type is read
+    assert auto_chunks(3, torch.device("cuda"), 8) == 3  # an explicit value is kept anywhere
+    encoder = MotionEncoder(small(dropout=0.0, layers=1, length_chunks=0)).train()
+    motion, mask = ragged_batch(3)
+    with profile(record_shapes=True) as prof:
+        encoder(motion, mask)
+    passes = [e for e in prof.events() if e.name == "aten::linear" and e.input_shapes
+              and len(e.input_shapes[0]) == 3 and e.input_shapes[0][-1] == 12]
+    assert len(passes) == 8  # auto on CPU: 8 groups of the 9 rows

@@ -268,4 +268,4 @@ def test_text_length_chunks_replay_dropout_and_keep_frozen_features(minilm: Text
     with torch.no_grad():  # the frozen features the text cache stores do not depend on the chunks
         torch.testing.assert_close(frozen.features(**batch), minilm.features(**batch), atol=2e-6, rtol=0)
     with pytest.raises(ValueError, match="length_chunks"):
-        TextEncoder(TextEncoderConfig(length_chunks=0))
+        TextEncoder(TextEncoderConfig(length_chunks=-1))
