@@ -1,7 +1,15 @@
-"""How many length-sorted row groups the towers run a batch as (both encoders use it)."""
+"""Running a padded batch as length-sorted row groups, each cut to its own longest row.
+
+Both encoders use it: padded positions never reach a real position's attention, so every
+row's output is the same as in the whole padded batch; only the padded work goes. The batch
+itself (which rows are each other's negatives) is untouched.
+"""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import Tensor
 
 
 def auto_chunks(chunks: int, device: torch.device, cpu_default: int) -> int:
@@ -15,3 +23,19 @@ def auto_chunks(chunks: int, device: torch.device, cpu_default: int) -> int:
     if chunks:
         return chunks
     return cpu_default if device.type == "cpu" else 1
+
+
+def run_by_length(mask: Tensor, chunks: int, run: Callable[[Tensor, int], Tensor]) -> Tensor:
+    """`run(rows, n)` on `chunks` groups of rows sorted by length, rows back in input order.
+
+    `mask` is (B, T), true at real positions; a row's length runs up to its last real position
+    (so left padding is still right, it just saves nothing), and `n` is the group's longest
+    (at least 1). The order is a function of the mask alone, so a replayed forward (GradCache)
+    draws its dropout masks in the same order.
+    """
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    used = torch.where(mask.bool(), positions, -1).amax(dim=1) + 1
+    order = torch.argsort(used, stable=True)
+    groups = order.tensor_split(chunks)
+    longest = torch.stack([used[g].max() for g in groups]).clamp(min=1).tolist()  # one device sync
+    return torch.cat([run(rows, n) for rows, n in zip(groups, longest)])[torch.argsort(order)]

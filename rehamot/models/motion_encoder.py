@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rehamot.models.length_chunks import auto_chunks
+from rehamot.models.length_chunks import auto_chunks, run_by_length
 
 # nn.TransformerEncoder's inference fast path packs padded batches into nested tensors and
 # warns once per process that they are a prototype; the path is exact (tests check it).
@@ -195,24 +195,8 @@ class MotionEncoder(nn.Module):
         chunks = min(auto_chunks(self.cfg.length_chunks, motion.device, CPU_LENGTH_CHUNKS), batch)
         # The eval fast path (no grad) packs the batch into a nested tensor: no padding to save.
         if chunks > 1 and (self.training or torch.is_grad_enabled()):
-            return self._summary_by_length(motion, mask, chunks)
+            return run_by_length(mask, chunks, lambda rows, n: self._summary(motion[rows, :n], mask[rows, :n]))
         return self._summary(motion, mask)
-
-    def _summary_by_length(self, motion: Tensor, mask: Tensor, chunks: int) -> Tensor:
-        """summary() over `chunks` groups of rows sorted by length, each cut to its longest.
-
-        Padded frames never reach a real frame's attention, so each row's output is the same
-        as in the whole padded batch; only the padded work goes. The batch itself (which rows
-        are each other's negatives) is untouched. The order is a function of the mask alone,
-        so a replayed forward (GradCache) draws its dropout masks in the same order.
-        """
-        frames = torch.arange(mask.shape[1], device=mask.device)
-        used = torch.where(mask, frames, -1).amax(dim=1) + 1  # up to the last valid frame
-        order = torch.argsort(used, stable=True)
-        groups = order.tensor_split(chunks)
-        longest = torch.stack([used[g].max() for g in groups]).tolist()  # one device sync
-        parts = [self._summary(motion[g, :n], mask[g, :n]) for g, n in zip(groups, longest)]
-        return torch.cat(parts)[torch.argsort(order)]
 
     def _summary(self, motion: Tensor, mask: Tensor) -> Tensor:
         batch, frames, _ = motion.shape
