@@ -61,7 +61,7 @@ def main() -> None:
     print("| implementation | ms/step | vs for-loop | max abs param difference vs for-loop |")
     print("|---|---:|---:|---:|")
     for name in IMPLS:
-        diff = max(float((a - b).abs().max()) for a, b in zip(params[name], params["for-loop"]))
+        diff = max(float((a - b).detach().abs().max()) for a, b in zip(params[name], params["for-loop"]))
         median = statistics.median(times[name])
         print(f"| {name} | {1000 * median:.1f} | {base / median:.2f}× | {diff:.1e} |")
 
