@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rehamot.kinematics import yaw_rotate
 from shards.demo_skeleton import PARENTS
 
 FEATURE_DIM = 263
@@ -74,14 +75,6 @@ def gaussian_smooth(x: np.ndarray, sigma: float, axis: int = 0) -> np.ndarray:
     for k in range(1, 2 * radius + 1):
         out += taps[k] * padded[k : k + len(x)]
     return np.moveaxis(out, 0, axis)
-
-
-def yaw_rotate(points: np.ndarray, angle: np.ndarray) -> np.ndarray:
-    """Rotate points (..., T, [J,] 3) about +y by angle (..., T), radians (+z turns towards +x)."""
-    shape = angle.shape + (1,) * (points.ndim - angle.ndim - 1)
-    c, s = np.cos(angle).reshape(shape), np.sin(angle).reshape(shape)
-    x, y, z = points[..., 0], points[..., 1], points[..., 2]
-    return np.stack([c * x + s * z, y, c * z - s * x], axis=-1)
 
 
 def facing_heading(joints: np.ndarray) -> np.ndarray:
@@ -208,20 +201,3 @@ def joints_to_features(joints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         [root_rot_vel, root_lin_vel, root_height, ric, rot, local_vel, contacts], axis=-1
     )
     return feats.astype(np.float32), pos
-
-
-def recover_joints(features: np.ndarray) -> np.ndarray:
-    """Joint positions (T, 22, 3) from features, as HumanML3D's `recover_from_ric`."""
-    feats = np.asarray(features, dtype=np.float64)
-    frames = len(feats)
-    heading = np.zeros(frames)
-    heading[1:] = -2.0 * np.cumsum(feats[:-1, 0])
-    root = np.zeros((frames, 3))
-    step = np.zeros((frames, 3))
-    step[1:, [0, 2]] = feats[:-1, 1:3]
-    root[:, [0, 2]] = np.cumsum(yaw_rotate(step, heading), axis=0)[:, [0, 2]]
-    root[:, 1] = feats[:, 3]
-    ric = feats[:, 4:67].reshape(frames, 21, 3)
-    others = yaw_rotate(ric, heading)
-    others[..., [0, 2]] += root[:, None, [0, 2]]
-    return np.concatenate([root[:, None], others], axis=1)

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rehamot.kinematics import features_to_joints
 from shards.demo_actions import ACTIONS, Plan, Unit
 from shards.demo_captions import mirror_caption
 from shards.demo_corpus import build_motion, write_demo_source
-from shards.demo_features import FEATURE_GROUPS, joints_to_features, recover_joints
+from shards.demo_features import FEATURE_GROUPS, joints_to_features
 from shards.demo_skeleton import CHANNELS, ROOT_CHANNELS, mirror_joints
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +107,7 @@ def test_feature_layout_matches_the_joints(corpus):
         contacts = feats[:, 259:263]
         assert set(np.unique(contacts)) <= {0.0, 1.0}
         # root rotation + velocity + ric reproduce every joint (HumanML3D's recover_from_ric)
-        np.testing.assert_allclose(recover_joints(feats), joints, atol=2e-4)
+        np.testing.assert_allclose(features_to_joints(feats), joints, atol=2e-4)
         rot = feats[:, 67:193].reshape(len(feats), 21, 2, 3)
         np.testing.assert_allclose(np.linalg.norm(rot, axis=-1), 1.0, atol=1e-5)
         np.testing.assert_allclose((rot[:, :, 0] * rot[:, :, 1]).sum(-1), 0.0, atol=1e-5)
