@@ -1,147 +1,224 @@
-"""Typed training configuration: schema defaults <- YAML file <- dotted `key=value` overrides.
+"""Typed configuration: schema defaults <- YAML file <- dotted `key=value` overrides.
 
-OmegaConf structured configs do the merging and the checking: an unknown key or a value of
-the wrong type is an error that names the key. The resolved config written to a run
-directory reloads under the same schema (`load_config(run_dir / "config.yaml")`).
+The schema's sections are the components' own configs: `LossConfig` is what the objective
+takes, and the data pipeline and the two towers build theirs from their sections with
+`build_component`, which refuses a component option that has no schema key. Each option is
+written once, here, with its default, its one-line help (`rehamot-train --help`), and its
+allowed values or range, checked when a section is constructed (so a YAML file, an override
+and a direct `LossConfig(...)` are checked alike).
+
+OmegaConf structured configs do the merging: an unknown key or a value of the wrong type is
+an error that names the key. The resolved config written to a run directory reloads under
+the same schema (`load_config(run_dir / "config.yaml")`). No torch here: entry points load
+and check a config before they import the heavy stack.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import MISSING as NO_DEFAULT
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, TypeVar
 
-from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for callers)
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+# The allowed values of each choice option, written once; losses.py and the models use these.
+LOSS_NAMES = ("sh", "mh", "droptriple", "infonce")
+THRESHOLD_MODES = ("symmetric", "per_direction")
+REDUCTIONS = ("mean", "sum")
+LOSS_IMPLEMENTATIONS = ("chunked", "dense")  # dense: the B x G reference (tests, benchmarks)
+POOLINGS = ("auto", "mean", "cls")
+ACTIVATIONS = ("gelu", "relu")
+SCHEDULES = ("constant", "step", "cosine")
+NONFINITE_ACTIONS = ("skip", "stop")
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
 
 
-@dataclass
-class RunSection:
-    dir: Optional[str] = None  # unset: chosen once on rank 0 as <root>/<name>-<time>, broadcast
-    root: str = "runs"
-    name: str = "rehamot"
+# A range check: (predicate, what the value must be).
+Check = tuple[Callable[[Any], bool], str]
+
+
+def _finite(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and math.isfinite(v))
+
+
+AT_LEAST_1: Check = (lambda v: v is None or v >= 1, "must be >= 1")
+NON_NEGATIVE: Check = (lambda v: v is None or (_finite(v) and v >= 0), "must be >= 0")
+POSITIVE: Check = (lambda v: v is None or (_finite(v) and v > 0), "must be > 0")
+COSINE: Check = (lambda v: _finite(v) and -1 < v <= 1, "must be a cosine in (-1, 1]")
+PROBABILITY: Check = (lambda v: v is None or (_finite(v) and 0 <= v < 1), "must be in [0, 1)")
+
+
+def option(default: Any = NO_DEFAULT, help: str = "", *, choices: Sequence[str] | None = None,
+           check: Check | None = None, factory: Callable[[], Any] | None = None) -> Any:
+    """A schema field: its default, one line of help, and its allowed values or range."""
+    metadata = {"help": help, "choices": tuple(choices) if choices else None, "check": check}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class Section:
+    """Base of the schema's sections: checks every field's choices and range on construction."""
+
+    key: ClassVar[str] = ""  # the section's name in the config ("loss", "train", ...)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            value, name = getattr(self, f.name), f"{self.key}.{f.name}" if self.key else f.name
+            choices, check = f.metadata.get("choices"), f.metadata.get("check")
+            if choices and value not in choices:
+                raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name}={value}: must be a finite number")
+            if check is not None and not check[0](value):
+                raise ConfigError(f"{name}={value!r}: {check[1]}")
+        self.check()
+
+    def check(self) -> None:
+        """Checks that involve several fields of the section."""
 
 
 @dataclass
-class DataSection:
-    shards: str = "data/demo"  # folder holding manifest.json, or a URL prefix
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
-    num_workers: int = 1
-    min_len: Optional[int] = None  # training crop: None = min(T, max_len) frames at a random start
-    max_len: int = 196  # training crop window and evaluation cut, frames
-    shuffle_buffer: int = 1000
-    max_text_len: int = 64
-    strict: bool = False  # corrupt samples: skip and count (False) or raise (True)
-    length_buckets: int = 0  # n > 1: batches from pools of n sorted by length (less padding)
+class RunSection(Section):
+    key: ClassVar[str] = "run"
+    dir: Optional[str] = option(None, "run directory; unset: <root>/<name>-<date>-<time>, chosen once on rank 0")
+    root: str = option("runs", "parent of the timestamped run directories")
+    name: str = option("rehamot", "prefix of the run directory's name")
 
 
 @dataclass
-class ModelSection:
-    text_model: Optional[str] = None  # None: the embedded all-MiniLM-L6-v2; else hub name or path
-    pooling: str = "auto"  # auto | mean | cls
-    text_layers: Optional[int] = None  # keep only the first N LM layers (fast tests)
-    finetune_lm: bool = False
-    lm_unfreeze_step: int = 0  # with finetune_lm: LM lr stays 0 until this optimizer step
-    # With a frozen LM (finetune_lm false) each training caption's pooled LM features are
-    # computed once and cached (rehamot/text_cache.py); false: run the LM every step
-    text_cache: bool = True
-    text_cache_dir: Optional[str] = None  # None: <shards>/text-cache if writable, else <run.root>/text-cache
-    d_model: int = 256
-    layers: int = 3
-    heads: int = 4
-    ff: int = 1024
-    dropout: float = 0.1
-    embed_dim: int = 1024
-    # Training runs the motion tower on this many length-sorted groups of each batch's rows,
-    # each cut to its own longest motion: same embeddings and batches, less padding.
-    # 0 = auto: 8 on CPU, 1 (off) on GPUs, where the extra launches cost more than the padding
-    length_chunks: int = 0
-    # The same for the language model's captions (fine-tuned LM, evaluation); 0 = auto: 4 on CPU
-    text_length_chunks: int = 0
-    compile: bool = False  # torch.compile the motion tower in place (slower on CPU: benchmarks.md)
+class DataSection(Section):
+    key: ClassVar[str] = "data"
+    shards: str = option("data/demo", "folder holding manifest.json (or a URL prefix)")
+    train_split: str = option("train", "split trained on")
+    val_split: str = option("val", "split for validation and choosing best/")
+    test_split: str = option("test", "split evaluated at the end")
+    num_workers: int = option(1, "loader worker processes per rank (0: read in the training process)",
+                              check=NON_NEGATIVE)
+    min_len: Optional[int] = option(None, "shortest training crop, frames; unset: min(T, max_len) at a random start",
+                                    check=AT_LEAST_1)
+    max_len: int = option(196, "training crop window and evaluation cut, frames", check=AT_LEAST_1)
+    shuffle_buffer: int = option(1000, "samples held per worker for shuffling; 0 or 1: no shuffle", check=NON_NEGATIVE)
+    max_text_len: int = option(64, "tokens per caption, [CLS]/[SEP] included", check=AT_LEAST_1)
+    strict: bool = option(False, "a corrupt sample stops the run (true) or is skipped and counted (false)")
+    length_buckets: int = option(0, "n > 1: batches from pools of n sorted by length (changes the negatives)",
+                                 check=NON_NEGATIVE)
 
 
 @dataclass
-class LossSection:
-    name: str = "droptriple"  # sh | mh | droptriple | infonce
-    margin: float = 0.2
-    threshold_motion: float = 0.75
-    threshold_text: float = 0.75
-    threshold_mode: str = "symmetric"  # symmetric | per_direction (the MMAsia code's 0.7/0.9)
-    warmup_loss: str = "sh"
-    warmup_steps: int = 0
-    warmup_epochs: int = 0
-    chunk_size: int = 0  # loss columns per chunk; 0: auto (~4M score cells per chunk)
-    temperature: float = 0.07  # InfoNCE initial temperature (learnable)
+class ModelSection(Section):
+    key: ClassVar[str] = "model"
+    text_model: Optional[str] = option(None, "Hugging Face encoder: hub name or local folder; unset: the embedded all-MiniLM-L6-v2")
+    pooling: str = option("auto", "LM pooling; auto: mean for sentence-transformers, else [CLS]", choices=POOLINGS)
+    text_layers: Optional[int] = option(None, "keep only the first N LM layers (fast tests)", check=AT_LEAST_1)
+    text_dropout: Optional[float] = option(None, "LM dropout when fine-tuning; unset: the model's own", check=PROBABILITY)
+    finetune_lm: bool = option(False, "train the language model too")
+    lm_unfreeze_step: int = option(0, "with finetune_lm: the LM's lr stays 0 until this optimizer step", check=NON_NEGATIVE)
+    text_cache: bool = option(True, "frozen LM: compute each training caption's LM features once and cache them")
+    text_cache_dir: Optional[str] = option(None, "text-cache folder; unset: <shards>/text-cache if writable, else <run.root>/text-cache")
+    d_model: int = option(256, "motion transformer width", check=AT_LEAST_1)
+    layers: int = option(3, "motion transformer layers", check=AT_LEAST_1)
+    heads: int = option(4, "motion transformer attention heads", check=AT_LEAST_1)
+    ff: int = option(1024, "motion transformer feed-forward width", check=AT_LEAST_1)
+    dropout: float = option(0.1, "motion transformer dropout", check=PROBABILITY)
+    activation: str = option("gelu", "motion transformer activation", choices=ACTIVATIONS)
+    embed_dim: int = option(1024, "joint embedding space dimension", check=AT_LEAST_1)
+    # Same embeddings and batches, less padding; 0 = auto: 8 on CPU, 1 (off) on GPUs, where the
+    # extra launches cost more than the padding saves (benchmarks.md)
+    length_chunks: int = option(0, "motion tower: length-sorted row groups per batch; 0: auto (8 on CPU, off on GPUs)",
+                                check=NON_NEGATIVE)
+    text_length_chunks: int = option(0, "language model: length-sorted caption groups; 0: auto (4 on CPU, off on GPUs)",
+                                     check=NON_NEGATIVE)
+    compile: bool = option(False, "torch.compile the motion tower (slower on CPU)")
 
 
 @dataclass
-class TrainSection:
-    epochs: int = 10
-    max_steps: Optional[int] = None  # optimizer steps; stops early
-    batch_size: int = 32  # per process and per optimizer step
-    # GradCache (rehamot/grad_cache.py): split each step's batch into k micro-batches; the loss
-    # still sees every negative of the global batch. Must divide batch_size; DDP only.
-    micro_batches: int = 1
-    lr: float = 2e-4
-    lm_lr: float = 2e-5
-    weight_decay: float = 0.0
-    # AdamW as one fused kernel per parameter (CPU and GPU): 7.6x faster a step than the
-    # per-parameter loop over the fine-tuned model's 26M parameters (benchmarks.md)
-    fused_adamw: bool = True
-    grad_clip: float = 0.0  # max global grad norm; 0 disables
-    schedule: str = "step"  # constant | step | cosine
-    lr_warmup_steps: int = 0
-    decay_steps: list[int] = field(default_factory=list)  # "step" schedule: x decay_factor at each
-    decay_factor: float = 0.1
-    log_every: int = 10
-    val_every: int = 0  # optimizer steps; 0: at the end of every epoch
-    save_every: int = 0  # optimizer steps; 0: at the end of every epoch
-    keep_checkpoints: int = 2
-    nonfinite: str = "skip"  # skip | stop: what a NaN/inf loss on any rank does
-    collective_timeout_s: int = 300  # a dead rank makes the others fail after this
-    eval_batch_size: int = 128
+class LossConfig(Section):
+    """Which loss, its settings and the warm-up schedule (the objective's own config).
+
+    threshold_mode "symmetric" drops j when cos(m_i, m_j) > threshold_motion or
+    cos(t_i, t_j) > threshold_text, in both directions. "per_direction" is the original
+    MMAsia code: the anchor's own modality is compared with threshold_anchor and the
+    candidate's modality with threshold_candidate. Warm-up counts are 0-based: step (epoch)
+    < warmup_steps (warmup_epochs) uses warmup_loss; set at most one of the two. reduction
+    "mean" divides by the batch; "sum" keeps the paper's batch-size-dependent sum.
+    """
+
+    key: ClassVar[str] = "loss"
+    name: str = option("droptriple", "loss after the warm-up", choices=LOSS_NAMES)
+    margin: float = option(0.2, "hinge margin (sh, mh, droptriple)", check=NON_NEGATIVE)
+    threshold_motion: float = option(0.75, "droptriple, symmetric: drop a candidate whose motion is this similar", check=COSINE)
+    threshold_text: float = option(0.75, "droptriple, symmetric: drop a candidate whose caption is this similar", check=COSINE)
+    threshold_mode: str = option("symmetric", "symmetric | per_direction (the MMAsia code: anchor/candidate thresholds)",
+                                 choices=THRESHOLD_MODES)
+    threshold_anchor: float = option(0.7, "droptriple, per_direction: threshold on the anchor's own modality", check=COSINE)
+    threshold_candidate: float = option(0.9, "droptriple, per_direction: threshold on the candidate's modality", check=COSINE)
+    warmup_loss: str = option("sh", "loss during the warm-up", choices=LOSS_NAMES)
+    warmup_steps: int = option(0, "optimizer steps of warm-up loss (set this or warmup_epochs)", check=NON_NEGATIVE)
+    warmup_epochs: int = option(0, "epochs of warm-up loss (set this or warmup_steps)", check=NON_NEGATIVE)
+    chunk_size: int = option(0, "loss columns per chunk; 0: auto (~4M score cells per chunk)", check=NON_NEGATIVE)
+    temperature: float = option(0.07, "InfoNCE initial temperature (learnable)", check=POSITIVE)
+    reduction: str = option("mean", "mean over the batch, or the paper's sum", choices=REDUCTIONS)
+    implementation: str = option("chunked", "chunked, or dense (the B x G reference; tests and benchmarks)",
+                                 choices=LOSS_IMPLEMENTATIONS)
+
+    def check(self) -> None:
+        if self.warmup_steps and self.warmup_epochs:
+            raise ConfigError(f"set the warm-up in steps or in epochs, not both (got loss.warmup_steps="
+                              f"{self.warmup_steps}, loss.warmup_epochs={self.warmup_epochs})")
 
 
 @dataclass
-class Config:
-    run: RunSection = field(default_factory=RunSection)
-    data: DataSection = field(default_factory=DataSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    loss: LossSection = field(default_factory=LossSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    seed: int = 1234
-    resume: Optional[str] = None  # a checkpoint path, or "latest" (no checkpoint: start fresh)
+class TrainSection(Section):
+    key: ClassVar[str] = "train"
+    epochs: int = option(10, "passes over the training motions (one caption drawn per visit)", check=AT_LEAST_1)
+    max_steps: Optional[int] = option(None, "stop after this many optimizer steps; unset: no limit", check=AT_LEAST_1)
+    batch_size: int = option(32, "samples per process and per optimizer step", check=AT_LEAST_1)
+    # GradCache (rehamot/grad_cache.py): the loss still sees every negative of the global batch
+    micro_batches: int = option(1, "GradCache: split each step's batch into k micro-batches (DDP only)", check=AT_LEAST_1)
+    lr: float = option(2e-4, "learning rate of the motion tower and the heads", check=POSITIVE)
+    lm_lr: float = option(2e-5, "learning rate of a fine-tuned language model", check=NON_NEGATIVE)
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay", check=NON_NEGATIVE)
+    # one fused kernel per parameter group: 7.6x faster a step over 26M parameters (benchmarks.md)
+    fused_adamw: bool = option(True, "fused AdamW implementation")
+    grad_clip: float = option(0.0, "max global gradient norm; 0 disables", check=NON_NEGATIVE)
+    schedule: str = option("step", "learning-rate schedule", choices=SCHEDULES)
+    lr_warmup_steps: int = option(0, "linear learning-rate warm-up, optimizer steps", check=NON_NEGATIVE)
+    decay_steps: list[int] = option(help="step schedule: multiply the lr by decay_factor at each of these steps",
+                                    factory=list)
+    decay_factor: float = option(0.1, "step schedule: the factor", check=POSITIVE)
+    log_every: int = option(10, "optimizer steps between logged records", check=AT_LEAST_1)
+    val_every: int = option(0, "optimizer steps between validations; 0: at the end of every epoch", check=NON_NEGATIVE)
+    save_every: int = option(0, "optimizer steps between checkpoints; 0: at the end of every epoch", check=NON_NEGATIVE)
+    keep_checkpoints: int = option(2, "checkpoints kept (the newest ones)", check=AT_LEAST_1)
+    nonfinite: str = option("skip", "a NaN/inf loss on any rank: skip the step on all ranks, or stop",
+                            choices=NONFINITE_ACTIONS)
+    collective_timeout_s: int = option(300, "a dead rank makes the others fail after this many seconds", check=AT_LEAST_1)
+    eval_batch_size: int = option(128, "batch size of validation and evaluation encoding", check=AT_LEAST_1)
+
+    def check(self) -> None:
+        if self.batch_size % self.micro_batches:
+            raise ConfigError(f"train.micro_batches={self.micro_batches}: must divide train.batch_size="
+                              f"{self.batch_size} (each step's batch is split evenly)")
 
 
-_CHOICES = {
-    "model.pooling": ("auto", "mean", "cls"),
-    "loss.name": ("sh", "mh", "droptriple", "infonce"),
-    "loss.warmup_loss": ("sh", "mh", "droptriple", "infonce"),
-    "loss.threshold_mode": ("symmetric", "per_direction"),
-    "train.schedule": ("constant", "step", "cosine"),
-    "train.nonfinite": ("skip", "stop"),
-}
-
-
-def _check_choices(cfg: Config) -> None:
-    for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
-    if cfg.train.batch_size < 1:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size}: must be >= 1")
-    if cfg.train.micro_batches < 1 or cfg.train.batch_size % cfg.train.micro_batches:
-        raise ConfigError(f"train.micro_batches={cfg.train.micro_batches}: must be >= 1 and divide "
-                          f"train.batch_size={cfg.train.batch_size} (each step's batch is split evenly)")
+@dataclass
+class Config(Section):
+    run: RunSection = option(help="", factory=RunSection)
+    data: DataSection = option(help="", factory=DataSection)
+    model: ModelSection = option(help="", factory=ModelSection)
+    loss: LossConfig = option(help="", factory=LossConfig)
+    train: TrainSection = option(help="", factory=TrainSection)
+    seed: int = option(1234, "seed of the data order, crops, captions and initialisation")
+    resume: Optional[str] = option(None, "a checkpoint folder, or latest (none yet: start fresh)")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -158,12 +235,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 raise ConfigError(f"override {item!r} is not of the form key=value")
         if overrides:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]  (runs the sections' checks)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         reason = str(getattr(err, "msg", err)).splitlines()[0]
         raise ConfigError(f"config key {key!r}: {reason}") from None
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    _check_choices(cfg)
     return cfg
 
 
@@ -171,5 +247,43 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+def schema_options(section: type | None = None, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    """(dotted key, default, help) of every option of the schema, in declaration order."""
+    for f in fields(section or Config):
+        key = f"{prefix}{f.name}"
+        if f.default_factory is not NO_DEFAULT and is_dataclass(f.default_factory):  # a section
+            yield from schema_options(f.default_factory, f"{key}.")  # type: ignore[arg-type]
+            continue
+        default = f.default_factory() if f.default_factory is not NO_DEFAULT else f.default
+        yield key, default, f.metadata.get("help", "")
+
+
+def options_help() -> str:
+    """Every config key with its default and one line of help, for `--help`."""
+    rows = [(key, "null" if default is None else str(default).lower() if isinstance(default, bool) else str(default),
+             help_) for key, default, help_ in schema_options()]
+    width = max(len(k) + len(d) for k, d, _ in rows) + 3
+    return "\n".join(f"  {f'{k}={d}':<{width}} {h}" for k, d, h in rows)
+
+
+C = TypeVar("C")
+
+
+def build_component(cls: type[C], section: object, renamed: Mapping[str, str] | None = None, **given: Any) -> C:
+    """A component's config from its schema section: each field is taken from `given`, else
+    from the section's option of the same name (or `renamed[field]`). A component field with
+    neither is an error, so every component option has a schema key."""
+    kwargs = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in given:
+            kwargs[f.name] = given[f.name]
+            continue
+        key = (renamed or {}).get(f.name, f.name)
+        if not hasattr(section, key):
+            raise TypeError(f"{cls.__name__}.{f.name} has no schema key in {type(section).__name__} "
+                            "(add an option there, or pass it explicitly)")
+        kwargs[f.name] = getattr(section, key)
+    unknown = set(given) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    return cls(**kwargs)

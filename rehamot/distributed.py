@@ -6,6 +6,7 @@ are then the identity and reductions do nothing. Tensors must live on the backen
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -111,3 +112,21 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     if world_info().world_size > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def init_distributed() -> WorldInfo:
+    """Join the process group that torchrun / accelerate launch describe in the environment.
+
+    Plain `python` (no WORLD_SIZE, or 1) stays a single process without a group.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world_info()
+
+
+def local_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")

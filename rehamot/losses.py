@@ -22,8 +22,8 @@ the dot product is the cosine):
 Memory: no chunked core holds a B x G matrix with autograd. MH / DropTriple pick each
 anchor's hardest kept negative without grad, chunk by chunk, then recompute only the chosen
 pairs with grad; SH and InfoNCE are custom autograd Functions that recompute each chunk's
-scores in backward. The `dense_reference_*` cores are the plain B x G formulations kept as
-the obviously-correct reference for tests and for the benchmark's dense arm.
+scores in backward. The plain B x G formulations, the obviously-correct reference, live in
+`rehamot.losses_reference` (tests, benchmarks and `loss.implementation=dense`).
 """
 from __future__ import annotations
 
@@ -34,11 +34,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-LOSS_NAMES = ("sh", "mh", "droptriple", "infonce")
-THRESHOLD_MODES = ("symmetric", "per_direction")
-REDUCTIONS = ("mean", "sum")
-IMPLEMENTATIONS = ("chunked", "dense")
-DEFAULT_CHUNK_SIZE = 0  # 0: as many columns as keep a chunk near CHUNK_CELLS score cells
+from rehamot.config import LOSS_NAMES, THRESHOLD_MODES, LossConfig
+
+AUTO_CHUNK = 0  # chunk_size 0: chunk_width picks the width from the number of rows
+
 CHUNK_CELLS = 1 << 22  # ~4M cells: a chunk's scores, intra-modal sims and masks stay ~60 MB
 
 
@@ -65,31 +64,24 @@ class DropThresholds:
     tm_text: float
 
 
-def drop_thresholds(
-    threshold_motion: float = 0.75,
-    threshold_text: float = 0.75,
-    *,
-    threshold_mode: str = "symmetric",
-    threshold_anchor: float = 0.7,
-    threshold_candidate: float = 0.9,
-) -> DropThresholds:
-    """Per-direction thresholds from the user-facing settings.
+def drop_thresholds(cfg: LossConfig) -> DropThresholds:
+    """Per-direction thresholds from the loss config.
 
     "symmetric" (2024 code): one mask, motions vs threshold_motion, captions vs
     threshold_text, in both directions. "per_direction" (MMAsia code, `threshold_hetero` /
     `threshold_homo` there): the anchor's own modality is compared with threshold_anchor and
     the candidate's modality with threshold_candidate, so the roles swap per direction.
     """
-    if threshold_mode == "symmetric":
-        return DropThresholds(threshold_motion, threshold_text, threshold_motion, threshold_text)
-    if threshold_mode == "per_direction":
+    if cfg.threshold_mode == "symmetric":
+        return DropThresholds(cfg.threshold_motion, cfg.threshold_text, cfg.threshold_motion, cfg.threshold_text)
+    if cfg.threshold_mode == "per_direction":
         return DropThresholds(
-            mt_motion=threshold_anchor,
-            mt_text=threshold_candidate,
-            tm_motion=threshold_candidate,
-            tm_text=threshold_anchor,
+            mt_motion=cfg.threshold_anchor,
+            mt_text=cfg.threshold_candidate,
+            tm_motion=cfg.threshold_candidate,
+            tm_text=cfg.threshold_anchor,
         )
-    raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {threshold_mode!r}")
+    raise ValueError(f"threshold_mode must be one of {THRESHOLD_MODES}, got {cfg.threshold_mode!r}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -274,7 +266,7 @@ def sum_hinge_core(
     row_offset: int,
     *,
     margin: float = 0.2,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = AUTO_CHUNK,
 ) -> LossTerms:
     """SH: sum over negatives j of [margin + S_ij - S_ii]+, in both directions."""
     _check_core_inputs(rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset)
@@ -334,7 +326,7 @@ def hardest_kept_negatives(
     row_offset: int,
     *,
     thresholds: DropThresholds | None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = AUTO_CHUNK,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Global column index of each anchor's hardest kept negative, without grad.
 
@@ -444,8 +436,8 @@ def drop_triple_core(
     row_offset: int,
     *,
     margin: float = 0.2,
-    thresholds: DropThresholds | None = DropThresholds(0.75, 0.75, 0.75, 0.75),
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    thresholds: DropThresholds | None,
+    chunk_size: int = AUTO_CHUNK,
 ) -> LossTerms:
     """DropTriple (MH when thresholds is None): hinge on the hardest kept negative."""
     _check_core_inputs(rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset)
@@ -468,7 +460,7 @@ def max_hinge_core(
     row_offset: int,
     *,
     margin: float = 0.2,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = AUTO_CHUNK,
 ) -> LossTerms:
     """MH (VSE++): hinge on the hardest negative, in both directions."""
     return drop_triple_core(
@@ -560,7 +552,7 @@ def info_nce_core(
     row_offset: int,
     *,
     scale: Tensor | float = 1 / 0.07,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = AUTO_CHUNK,
 ) -> LossTerms:
     """InfoNCE: per anchor, the two directions' cross-entropies with logits scale * S.
 
@@ -579,89 +571,6 @@ def info_nce_core(
     return LossTerms(per_anchor, _zero_count(rows_m.device), _candidate_count(row_ids, col_ids))
 
 
-# ----------------------------------------------------------------------------- dense references
-
-
-def _dense_setup(
-    rows_m: Tensor, rows_t: Tensor, cols_m: Tensor, cols_t: Tensor, row_ids: Tensor, col_ids: Tensor, row_offset: int
-) -> tuple[Tensor, ...]:
-    """Upcast inputs, full (B, G) scores of both directions, the positive mask and the negatives mask."""
-    _check_core_inputs(rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset)
-    rows_m, rows_t, cols_m, cols_t = _upcast(rows_m, rows_t, cols_m, cols_t)
-    is_positive, not_negative = _chunk_masks(row_ids, col_ids, row_offset, 0, cols_m.shape[0])
-    return rows_m, rows_t, cols_m, cols_t, rows_m @ cols_t.T, rows_t @ cols_m.T, is_positive, ~not_negative
-
-
-def dense_reference_sum_hinge_core(
-    rows_m: Tensor, rows_t: Tensor, cols_m: Tensor, cols_t: Tensor,
-    row_ids: Tensor, col_ids: Tensor, row_offset: int, *, margin: float = 0.2, chunk_size: int = 0
-) -> LossTerms:
-    """Reference SH: the whole B x G matrices with autograd (chunk_size is ignored)."""
-    rows_m, rows_t, _, _, s_mt, s_tm, _, negative = _dense_setup(
-        rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset
-    )
-    pos = (rows_m * rows_t).sum(1, keepdim=True)
-    per_anchor = 0
-    for scores in (s_mt, s_tm):
-        hinge = torch.relu(margin + scores - pos)
-        per_anchor = per_anchor + torch.where(negative, hinge, torch.zeros_like(hinge)).sum(1)
-    return LossTerms(per_anchor, _zero_count(s_mt.device), 2 * negative.sum())
-
-
-def dense_reference_drop_triple_core(
-    rows_m: Tensor, rows_t: Tensor, cols_m: Tensor, cols_t: Tensor,
-    row_ids: Tensor, col_ids: Tensor, row_offset: int, *,
-    margin: float = 0.2,
-    thresholds: DropThresholds | None = DropThresholds(0.75, 0.75, 0.75, 0.75),
-    chunk_size: int = 0,
-) -> LossTerms:
-    """Reference DropTriple / MH (thresholds=None) on whole B x G matrices."""
-    rows_m, rows_t, cols_m, cols_t, s_mt, s_tm, _, negative = _dense_setup(
-        rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset
-    )
-    kept_mt = kept_tm = negative
-    dropped = _zero_count(s_mt.device)
-    if thresholds is not None:
-        drop_mt, drop_tm = _drop_masks(rows_m, rows_t, cols_m, cols_t, thresholds, ~negative)
-        kept_mt, kept_tm = negative & ~drop_mt, negative & ~drop_tm
-        dropped = drop_mt.sum() + drop_tm.sum()
-    pos = (rows_m * rows_t).sum(1)
-    per_anchor = 0
-    for scores, kept in ((s_mt, kept_mt), (s_tm, kept_tm)):
-        hardest, _ = scores.masked_fill(~kept, float("-inf")).max(dim=1)  # first max on ties
-        hinge = torch.relu(margin + hardest - pos)
-        per_anchor = per_anchor + torch.where(kept.any(1), hinge, torch.zeros_like(hinge))
-    return LossTerms(per_anchor, dropped, 2 * negative.sum())
-
-
-def dense_reference_max_hinge_core(
-    rows_m: Tensor, rows_t: Tensor, cols_m: Tensor, cols_t: Tensor,
-    row_ids: Tensor, col_ids: Tensor, row_offset: int, *, margin: float = 0.2, chunk_size: int = 0
-) -> LossTerms:
-    return dense_reference_drop_triple_core(
-        rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset, margin=margin, thresholds=None
-    )
-
-
-def dense_reference_info_nce_core(
-    rows_m: Tensor, rows_t: Tensor, cols_m: Tensor, cols_t: Tensor,
-    row_ids: Tensor, col_ids: Tensor, row_offset: int, *,
-    scale: Tensor | float = 1 / 0.07,
-    chunk_size: int = 0,
-) -> LossTerms:
-    """Reference InfoNCE: logsumexp over whole B x G logits (same-id columns masked)."""
-    rows_m, rows_t, _, _, s_mt, s_tm, is_positive, negative = _dense_setup(
-        rows_m, rows_t, cols_m, cols_t, row_ids, col_ids, row_offset
-    )
-    scale_t = _as_scale(scale, s_mt)
-    pos = (rows_m * rows_t).sum(1)
-    per_anchor = 0
-    for scores in (s_mt, s_tm):
-        logits = (scale_t * scores).masked_fill(~(negative | is_positive), float("-inf"))
-        per_anchor = per_anchor + torch.logsumexp(logits, dim=1) - scale_t * pos
-    return LossTerms(per_anchor, _zero_count(s_mt.device), 2 * negative.sum())
-
-
 Core = Callable[..., LossTerms]
 CHUNKED_CORES: dict[str, Core] = {
     "sh": sum_hinge_core,
@@ -669,140 +578,4 @@ CHUNKED_CORES: dict[str, Core] = {
     "droptriple": drop_triple_core,
     "infonce": info_nce_core,
 }
-DENSE_REFERENCE_CORES: dict[str, Core] = {
-    "sh": dense_reference_sum_hinge_core,
-    "mh": dense_reference_max_hinge_core,
-    "droptriple": dense_reference_drop_triple_core,
-    "infonce": dense_reference_info_nce_core,
-}
-
-
-def loss_core(name: str, implementation: str = "chunked") -> Core:
-    """The core for a loss name; implementation "dense" gives the reference."""
-    if name not in LOSS_NAMES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {LOSS_NAMES}")
-    if implementation == "chunked":
-        return CHUNKED_CORES[name]
-    if implementation == "dense":
-        return DENSE_REFERENCE_CORES[name]
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-
-
-# ----------------------------------------------------------------------------- single process
-
-
-def _single_process(
-    name: str,
-    motion_emb: Tensor,
-    text_emb: Tensor,
-    motion_ids: Tensor | None,
-    reduction: str,
-    return_stats: bool,
-    implementation: str,
-    **core_kwargs,
-) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if motion_emb.ndim != 2 or motion_emb.shape != text_emb.shape:
-        raise ValueError(
-            f"expected two (B, D) embeddings of one shape, got {tuple(motion_emb.shape)} and "
-            f"{tuple(text_emb.shape)}"
-        )
-    num = motion_emb.shape[0]
-    # Upcast once: rows and columns then share one fp32 tensor, so their gradients add up
-    # in fp32 before the single cast back to the input dtype.
-    motion_emb, text_emb = _upcast(motion_emb, text_emb)
-    if motion_ids is None:  # every pair is its own motion
-        motion_ids = torch.arange(num, device=motion_emb.device)
-    motion_ids = motion_ids.to(motion_emb.device)
-    terms = loss_core(name, implementation)(
-        motion_emb, text_emb, motion_emb, text_emb, motion_ids, motion_ids, 0, **core_kwargs
-    )
-    total = terms.per_anchor.sum()
-    loss = total / num if reduction == "mean" else total
-    if not return_stats:
-        return loss
-    stats = {"loss_sum": total.detach(), "dropped": terms.dropped, "candidates": terms.candidates}
-    return loss, stats
-
-
-def sum_hinge_loss(
-    motion_emb: Tensor,
-    text_emb: Tensor,
-    margin: float = 0.2,
-    motion_ids: Tensor | None = None,
-    reduction: str = "mean",
-    return_stats: bool = False,
-    *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    implementation: str = "chunked",
-) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """SH (sum of hinges) over one batch of unit embeddings (B, D)."""
-    return _single_process(
-        "sh", motion_emb, text_emb, motion_ids, reduction, return_stats, implementation,
-        margin=margin, chunk_size=chunk_size,
-    )
-
-
-def max_hinge_loss(
-    motion_emb: Tensor,
-    text_emb: Tensor,
-    margin: float = 0.2,
-    motion_ids: Tensor | None = None,
-    reduction: str = "mean",
-    return_stats: bool = False,
-    *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    implementation: str = "chunked",
-) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """MH (max of hinges, VSE++) over one batch of unit embeddings (B, D)."""
-    return _single_process(
-        "mh", motion_emb, text_emb, motion_ids, reduction, return_stats, implementation,
-        margin=margin, chunk_size=chunk_size,
-    )
-
-
-def drop_triple_loss(
-    motion_emb: Tensor,
-    text_emb: Tensor,
-    margin: float = 0.2,
-    threshold_motion: float = 0.75,
-    threshold_text: float = 0.75,
-    motion_ids: Tensor | None = None,
-    reduction: str = "mean",
-    return_stats: bool = False,
-    *,
-    threshold_mode: str = "symmetric",
-    threshold_anchor: float = 0.7,
-    threshold_candidate: float = 0.9,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    implementation: str = "chunked",
-) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """DropTriple over one batch of unit embeddings (B, D); see drop_thresholds for modes."""
-    thresholds = drop_thresholds(
-        threshold_motion, threshold_text, threshold_mode=threshold_mode,
-        threshold_anchor=threshold_anchor, threshold_candidate=threshold_candidate,
-    )
-    return _single_process(
-        "droptriple", motion_emb, text_emb, motion_ids, reduction, return_stats, implementation,
-        margin=margin, thresholds=thresholds, chunk_size=chunk_size,
-    )
-
-
-def info_nce_loss(
-    motion_emb: Tensor,
-    text_emb: Tensor,
-    temperature: Tensor | float = 0.07,
-    motion_ids: Tensor | None = None,
-    reduction: str = "mean",
-    return_stats: bool = False,
-    *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    implementation: str = "chunked",
-) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-    """Symmetric InfoNCE; `temperature` may be a tensor (it then receives a gradient)."""
-    scale = 1.0 / temperature if isinstance(temperature, Tensor) else 1.0 / float(temperature)
-    return _single_process(
-        "infonce", motion_emb, text_emb, motion_ids, reduction, return_stats, implementation,
-        scale=scale, chunk_size=chunk_size,
-    )
+assert tuple(CHUNKED_CORES) == LOSS_NAMES  # one core per configurable loss

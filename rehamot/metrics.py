@@ -14,7 +14,7 @@ The TMR rules follow its published code (github.com/Mathux/TMR, ``src/model/metr
 ``cols2metrics``, and ``retrieval.py`` for the batch-of-32 split), re-derived in closed form:
 a query's averaged tie position in the sorted row is ``#better + (#tied - 1) / 2``.
 TMR rounds to 2 decimals when it prints; we return unrounded floats (batch means are taken
-before any rounding, as TMR does), and `format_table` prints 2 decimals.
+before any rounding, as TMR does); `rehamot.evaluation.format_table` prints 2 decimals.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from os import PathLike
 from pathlib import Path
 
 import numpy as np
-from rich.table import Table
 
 PROTOCOLS = ("captions", "tmr-all", "tmr-threshold", "tmr-nsim", "tmr-batch32")
 NSIM_CORPORA = ("humanml3d", "kitml")
@@ -335,27 +334,3 @@ def evaluate_protocols(
                 per_batch.append(tmr_metrics(first_text[members] @ motions[members].T))
             results[protocol] = _mean_over(per_batch)  # MedR averaged too, as in TMR
     return results
-
-
-# --------------------------------------------------------------------------- printing
-
-_METRIC_ORDER = [f"R@{k}" for k in sorted(set(CAPTIONS_RECALL_KS) | set(TMR_RECALL_KS))] + ["MedR"]
-
-
-def format_table(results: Mapping[str, Mapping[str, float]], title: str | None = None) -> Table:
-    """One row per protocol and direction, one column per metric (2 decimals). The captions
-    protocol alone fits 80 columns; TMR's extra recalls and long protocol names need ~95."""
-    present = {key.split("/", 1)[1] for metrics in results.values() for key in metrics if "/" in key}
-    columns = [m for m in _METRIC_ORDER if m in present]
-    table = Table(title=title)
-    table.add_column("protocol", no_wrap=True)
-    table.add_column("direction", no_wrap=True)
-    for column in columns:
-        table.add_column(column, justify="right")
-    table.add_column("rsum", justify="right")
-    for protocol, metrics in results.items():
-        for direction, label in (("t2m", "text→motion"), ("m2t", "motion→text")):
-            cells = [f"{metrics[f'{direction}/{c}']:.2f}" if f"{direction}/{c}" in metrics else "-" for c in columns]
-            rsum = f"{metrics['rsum']:.2f}" if "rsum" in metrics and direction == "t2m" else ""
-            table.add_row(protocol if direction == "t2m" else "", label, *cells, rsum)
-    return table

@@ -18,71 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rehamot import losses
+from rehamot import losses, losses_reference
+from rehamot.config import LossConfig
 from rehamot.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, world_info
 
 # Additive statistics: summed over ranks (one all_reduce), each gives its global value.
 STATS_KEYS = ("loss_sum", "anchors", "dropped", "candidates", "global_batch")
-
-
-@dataclass
-class LossConfig:
-    """Which loss, its settings and the warm-up schedule.
-
-    threshold_mode "symmetric" drops j when cos(m_i, m_j) > threshold_motion or
-    cos(t_i, t_j) > threshold_text, in both directions. "per_direction" is the original
-    MMAsia code: the anchor's own modality is compared with threshold_anchor and the
-    candidate's modality with threshold_candidate. Warm-up counts are 0-based: step
-    (epoch) < warmup_steps (warmup_epochs) uses warmup_loss; set at most one of the two.
-    reduction "mean" divides by the batch; "sum" keeps the paper's batch-size-dependent sum.
-    temperature is InfoNCE's when no learnable logit_scale is passed. implementation
-    "dense" selects the B x G reference cores (tests and benchmarks only).
-    """
-
-    name: str = "droptriple"
-    margin: float = 0.2
-    threshold_motion: float = 0.75
-    threshold_text: float = 0.75
-    threshold_mode: str = "symmetric"
-    threshold_anchor: float = 0.7
-    threshold_candidate: float = 0.9
-    temperature: float = 0.07
-    chunk_size: int = losses.DEFAULT_CHUNK_SIZE
-    warmup_steps: int = 0
-    warmup_epochs: int = 0
-    warmup_loss: str = "sh"
-    reduction: str = "mean"
-    implementation: str = "chunked"
-
-    def __post_init__(self) -> None:
-        for field, value in (("name", self.name), ("warmup_loss", self.warmup_loss)):
-            if value not in losses.LOSS_NAMES:
-                raise ValueError(f"loss.{field} must be one of {losses.LOSS_NAMES}, got {value!r}")
-        if self.threshold_mode not in losses.THRESHOLD_MODES:
-            raise ValueError(f"loss.threshold_mode must be one of {losses.THRESHOLD_MODES}, got {self.threshold_mode!r}")
-        if self.reduction not in losses.REDUCTIONS:
-            raise ValueError(f"loss.reduction must be one of {losses.REDUCTIONS}, got {self.reduction!r}")
-        if self.implementation not in losses.IMPLEMENTATIONS:
-            raise ValueError(
-                f"loss.implementation must be one of {losses.IMPLEMENTATIONS}, got {self.implementation!r}"
-            )
-        if self.chunk_size < 0:
-            raise ValueError(f"loss.chunk_size must be positive, or 0 for auto, got {self.chunk_size}")
-        if self.temperature <= 0:
-            raise ValueError(f"loss.temperature must be positive, got {self.temperature}")
-        if self.warmup_steps < 0 or self.warmup_epochs < 0:
-            raise ValueError("loss.warmup_steps and loss.warmup_epochs must be >= 0")
-        if self.warmup_steps and self.warmup_epochs:
-            raise ValueError(
-                f"set the warm-up in steps or in epochs, not both (got warmup_steps="
-                f"{self.warmup_steps}, warmup_epochs={self.warmup_epochs})"
-            )
-
-    def thresholds(self) -> losses.DropThresholds:
-        return losses.drop_thresholds(
-            self.threshold_motion, self.threshold_text, threshold_mode=self.threshold_mode,
-            threshold_anchor=self.threshold_anchor, threshold_candidate=self.threshold_candidate,
-        )
 
 
 def scheduled_loss_name(cfg: LossConfig, step: int, epoch: int) -> str:
@@ -112,7 +53,7 @@ class GlobalBatchObjective:
             return {"scale": scale, "chunk_size": cfg.chunk_size}
         kwargs: dict[str, object] = {"margin": cfg.margin, "chunk_size": cfg.chunk_size}
         if name == "droptriple":
-            kwargs["thresholds"] = cfg.thresholds()
+            kwargs["thresholds"] = losses.drop_thresholds(cfg)
         return kwargs
 
     def __call__(
@@ -150,7 +91,7 @@ class GlobalBatchObjective:
         else:
             both = gather_with_grad(torch.cat([motion_emb, text_emb], dim=1), check_sizes=False)
             cols_m, cols_t = both[:, :dim], both[:, dim:]
-        core = losses.loss_core(name, self.cfg.implementation)
+        core = losses_reference.loss_core(name, self.cfg.implementation)
         terms = core(
             motion_emb, text_emb, cols_m, cols_t, motion_ids, col_ids, world.rank * local,
             **self._core_kwargs(name, logit_scale),

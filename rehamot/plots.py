@@ -6,11 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no global backend to choose, nothing to close
 
 
 def plot_training_curves(metrics_jsonl: Path, out: Path) -> None:
@@ -18,7 +15,8 @@ def plot_training_curves(metrics_jsonl: Path, out: Path) -> None:
     for line in Path(metrics_jsonl).read_text().splitlines():
         rec = json.loads(line)
         (val if any(k.startswith("val/") for k in rec) else train).append(rec)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig = Figure(figsize=(14, 3.8))
+    axes = fig.subplots(1, 3)
     if train:
         steps = [r["step"] for r in train]
         axes[0].plot(steps, [r["loss"] for r in train])
@@ -34,19 +32,18 @@ def plot_training_curves(metrics_jsonl: Path, out: Path) -> None:
         axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
-    plt.close(fig)
 
 
 def plot_similarity(scores: np.ndarray, out: Path, limit: int = 64) -> None:
     """Heat-map of motion x caption cosine similarities of one batch (diagonal = positives)."""
     scores = scores[:limit, :limit]
-    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    fig = Figure(figsize=(5.5, 4.8))
+    ax = fig.subplots()
     im = ax.imshow(scores, cmap="viridis", vmin=-1, vmax=1)
     ax.set(title="batch similarity (motion rows, caption columns)", xlabel="caption", ylabel="motion")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
-    plt.close(fig)
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,7 @@ def plot_retrieval_examples(examples: Sequence[RetrievalExample], out: Path, tit
             lines.append((text, "#1a7f37" if hit.correct else "#c62828", "normal"))
         lines.append(("", "black", "normal"))
     height = 0.6 + 0.22 * len(lines)
-    fig = plt.figure(figsize=(11, height))
+    fig = Figure(figsize=(11, height))
     if title:
         fig.suptitle(title, x=0.01, y=1 - 0.15 / height, ha="left", fontsize=11)
     top = 1 - 0.5 / height
@@ -88,7 +85,6 @@ def plot_retrieval_examples(examples: Sequence[RetrievalExample], out: Path, tit
         fig.text(0.01, top - i * 0.22 / height, text, color=colour, weight=weight, family="monospace",
                  fontsize=8.5, va="top")
     fig.savefig(out, dpi=90)
-    plt.close(fig)
 
 
 # 1-based rank bins: one per rank up to 5, then widening (capped bins keep the tail readable)
@@ -110,7 +106,8 @@ def _rank_bins(top: int) -> tuple[list[int], list[str]]:
 def plot_rank_histograms(t2m_ranks: np.ndarray, m2t_ranks: np.ndarray, out: Path, title: str = "") -> None:
     """Bar charts of the 1-based rank of the correct item (0-based rank + 1), on capped bins
     (1, 2, .., 5, 6-10, 11-20, 21-50, ...), each panel titled with its R@1/5/10 and MedR."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig = Figure(figsize=(11, 3.8))
+    axes = fig.subplots(1, 2)
     for ax, ranks, label in ((axes[0], t2m_ranks, "text→motion, one query per caption"),
                              (axes[1], m2t_ranks, "motion→text, one query per motion")):
         positions = np.asarray(ranks, dtype=np.int64) + 1
@@ -128,4 +125,3 @@ def plot_rank_histograms(t2m_ranks: np.ndarray, m2t_ranks: np.ndarray, out: Path
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
-    plt.close(fig)

@@ -12,7 +12,7 @@ _EXPORTS = {
     "collate": ("collate_pairs", "motion_index", "pad_motions", "tokenize"),
     "eval_set": ("EvalCaption", "EvalSet"),
     "motion": ("eval_crop", "normalize", "random_crop", "random_window", "window_bounds"),
-    "pipeline": ("DataConfig", "SlotStream", "TrainStream", "preflight"),
+    "pipeline": ("DataConfig", "SlotStream", "TrainStream", "data_config", "preflight"),
     "plan": ("Segment", "SlotPlan", "plan_epoch", "shard_order", "steps_per_epoch"),
     "reading": ("BadSampleError", "read_manifest"),
 }

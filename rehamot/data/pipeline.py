@@ -41,6 +41,7 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from rehamot.config import Config, build_component
 from rehamot.data import schema
 from rehamot.data.collate import Tokenizer, collate_pairs
 from rehamot.data.motion import normalize, random_window
@@ -79,6 +80,11 @@ class DataConfig:
             raise ValueError(f"invalid DataConfig: {self}")
         if self.min_len is not None and not 1 <= self.min_len <= self.max_len:
             raise ValueError(f"min_len must lie in [1, max_len={self.max_len}], got {self.min_len}")
+
+
+def data_config(cfg: Config, split: str) -> DataConfig:
+    """The loader's config for one split: the run config's data section, its batch size and seed."""
+    return build_component(DataConfig, cfg.data, split=split, batch_size=cfg.train.batch_size, seed=cfg.seed)
 
 
 def preflight(*, split: str, num_shards: int, num_samples: int, world_size: int,

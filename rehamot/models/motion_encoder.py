@@ -33,9 +33,7 @@ from torch import Tensor, nn
 
 from rehamot.models.length_chunks import auto_chunks, run_by_length
 
-# nn.TransformerEncoder's inference fast path packs padded batches into nested tensors and
-# warns once per process that they are a prototype; the path is exact (tests check it).
-warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+NESTED_TENSOR_WARNING = "The PyTorch API of nested tensors is in prototype stage"
 
 
 @dataclass
@@ -207,7 +205,11 @@ class MotionEncoder(nn.Module):
         x = torch.cat((token, x), dim=1) + self.positions[: frames + 1].to(x.dtype)
         x = fast_dropout(x, self.input_dropout.p, self.training)
         valid = torch.cat((torch.ones(batch, 1, dtype=torch.bool, device=mask.device), mask), dim=1)
-        x = self.encoder(x, src_key_padding_mask=~valid)
+        with warnings.catch_warnings():
+            # the inference fast path packs padded batches into nested tensors and warns that
+            # they are a prototype; the path is exact (tests check it)
+            warnings.filterwarnings("ignore", message=NESTED_TENSOR_WARNING)
+            x = self.encoder(x, src_key_padding_mask=~valid)
         return x[:, 0]
 
     def forward(self, motion: Tensor, mask: Tensor | None = None) -> Tensor:

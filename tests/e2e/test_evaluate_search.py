@@ -88,7 +88,7 @@ def test_evaluation_matches_the_index_embeddings(evaluated, indexed, run_dir, de
 
     from rehamot.data import EvalSet
     from rehamot.data.pipeline import DataConfig
-    from rehamot.evaluate import encode_sentences
+    from rehamot.evaluation import encode_sentences
     from rehamot.metrics import evaluate_protocols
 
     meta = json.loads((indexed / "index.json").read_text())
@@ -152,7 +152,7 @@ def test_nsim_from_an_id_file(run_dir, indexed, tmp_path, capsys):
 
 
 def test_plan_protocols_skips_only_under_every():
-    from rehamot.evaluate import plan_protocols
+    from rehamot.evaluation import plan_protocols
 
     small, large = [f"{i:03d}" for i in range(31)], [f"{i:03d}" for i in range(32)]
     runs, skipped = plan_protocols("every", small, None)
@@ -191,7 +191,7 @@ def test_search_cli_both_ways(indexed, run_dir):
 
 
 def test_python_api_matches_brute_force(indexed, run_dir):
-    from rehamot.search import SearchIndex
+    from rehamot.search_index import SearchIndex
 
     index = SearchIndex.load(run_dir)
     motion_emb = np.load(indexed / "motion_emb.npy")
@@ -213,7 +213,7 @@ def test_python_api_matches_brute_force(indexed, run_dir):
 
 
 def test_top_k_breaks_ties_like_a_stable_sort():
-    from rehamot.search import top_k
+    from rehamot.search_index import top_k
 
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 4, size=200).astype(np.float32)  # many ties, at the cut too
@@ -222,7 +222,7 @@ def test_top_k_breaks_ties_like_a_stable_sort():
 
 
 def test_search_errors_are_one_line(indexed, run_dir, tmp_path):
-    from rehamot.search import SearchError, SearchIndex
+    from rehamot.search_index import SearchError, SearchIndex
 
     index = SearchIndex.load(run_dir)
     with pytest.raises(SearchError, match="empty query"):

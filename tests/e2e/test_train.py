@@ -109,11 +109,15 @@ def test_config_errors_and_missing_shards(tmp_path):
     assert out.returncode == 2 and "make_shards.py demo" in out.stderr
 
 
+NAN_AT_STEP_1 = {"REHAMOT_TEST_HOOK": "fault_hooks:nan_loss_at_step", "FAULT_STEP": "1",
+                 "PYTHONPATH": str(Path(__file__).resolve().parent)}
+
+
 @pytest.mark.parametrize("mode", ["skip", "stop"])
 def test_nonfinite_loss_is_skipped_on_all_ranks_or_stops(demo_shards, tmp_path, mode):
     run_dir = tmp_path / mode
     out = torchrun(2, [*TINY, f"data.shards={demo_shards}", f"run.dir={run_dir}", "train.max_steps=4",
-                       f"train.nonfinite={mode}"], env={"REHAMOT_INJECT_NAN_STEP": "1"}, check=False)
+                       f"train.nonfinite={mode}"], env=NAN_AT_STEP_1, check=False)
     if mode == "skip":
         assert out.returncode == 0, out.stderr[-3000:]
         train = [r for r in records(run_dir) if "loss" in r]

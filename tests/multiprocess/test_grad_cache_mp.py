@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rehamot.distributed import world_info
 from rehamot.grad_cache import backward_through_cache, embed_without_grad
-from rehamot.objective import GlobalBatchObjective, LossConfig, reduce_stats
+from rehamot.config import LossConfig
+from rehamot.objective import GlobalBatchObjective, reduce_stats
 from test_objective_mp import MODEL_SPECS, _free_port, two_tower_batch, two_tower_model
 
 WORLD = 2

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from rehamot.distributed import gather_with_grad, world_info
-from rehamot.losses import max_hinge_loss
-from rehamot.objective import GlobalBatchObjective, LossConfig, reduce_stats
+from rehamot.losses_reference import single_process_loss
+from rehamot.config import LossConfig
+from rehamot.objective import GlobalBatchObjective, reduce_stats
 
 LOCAL_BATCH = 6
 CHUNK_SIZE = 5  # divides neither B nor G: chunks straddle rank boundaries
@@ -302,7 +303,7 @@ def test_global_batch_objective_equals_single_process(spec_name: str, world_size
     # leaf gradient is d(sum of the W rank losses) = W x the single-process gradient.
     motion, text, ids = _tie_embeddings(world_size * LOCAL_BATCH)
     motion.requires_grad_(), text.requires_grad_()
-    max_hinge_loss(motion, text, motion_ids=ids, implementation="dense").backward()
+    single_process_loss("mh", motion, text, motion_ids=ids, implementation="dense").backward()
     for rank, result in enumerate(ranks):
         local = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         for key, full in (("tie/grad_motion", motion.grad), ("tie/grad_text", text.grad)):

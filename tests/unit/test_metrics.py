@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from rehamot.evaluation import format_table
+
 from rehamot.metrics import (
     PROTOCOLS,
     caption_protocol_ranks,
     evaluate_protocols,
-    format_table,
     nsim_ids,
     retrieval_metrics,
     tmr_batches,
