@@ -2,20 +2,18 @@
 
     python rehamot/render.py MOTION.npy --out OUT.gif|OUT.mp4|OUT.png [--layout humanml3d|kitml]
                              [--fps N] [--title TEXT] [--poses N]
+    python -m rehamot.render MOTION.npy --out OUT.gif ...
 
 MOTION.npy holds HumanML3D/KIT-ML features (T, 263) / (T, 251) or joint positions
-(T, 22, 3) / (T, 21, 3). The drawing itself lives in rehamot/motion_render.py.
+(T, 22, 3) / (T, 21, 3). The drawing itself lives in rehamot/motion_render.py. Like the
+other entry points it imports `rehamot` as the installed package (`pip install -e .`).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the repository's package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import argparse
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rehamot.kinematics import LAYOUTS
 from rehamot.motion_render import ANIMATION_SUFFIXES, STRIP_SUFFIXES, load_motion, render_animation, render_keyposes
