@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU benchmark as run on a lent device machine (issue 7; docs/benchmarks.md, "On a GPU").
+# The GPU benchmark as run on a lent device machine (docs/benchmarks.md, "GPU").
 #
 # That machine has torch/transformers/accelerate but no network, so prepare here, in the repo
 # root, a carried folder (ignored by git) with what it lacks:
@@ -10,18 +10,24 @@
 # (MiniLM's 91 MB of weights exceed the 64 MiB a call carries: the LM is rebuilt there with
 # random weights from its config, the same shapes and work per step, not meaningful embeddings.)
 # Then run, carrying .devcarry:   bash benchmarks/gpu_device.sh
+# Results go to $OUT (default runs/gpu in the repository); the shards and the rebuilt LM to a
+# scratch folder ($WORK, default a fresh mktemp -d).
+# PYTHONPATH: the repository itself too, because rehamot is not installed in that machine's Python.
 export PYTHONPATH=$PWD:$PWD/.devcarry/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+OUT=${OUT:-$PWD/runs/gpu}; mkdir -p "$OUT"
+export WORK=${WORK:-$(mktemp -d)}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
 python3 - <<'PY' || exit 1
+import os
 import shutil
 from transformers import BertConfig, BertModel
-shutil.copytree('.devcarry/minilm', '/tmp/minilm', dirs_exist_ok=True)
-BertModel(BertConfig.from_pretrained('/tmp/minilm')).save_pretrained('/tmp/minilm')
+minilm = os.path.join(os.environ['WORK'], 'minilm')
+shutil.copytree('.devcarry/minilm', minilm, dirs_exist_ok=True)
+BertModel(BertConfig.from_pretrained(minilm)).save_pretrained(minilm)
 PY
-python3 shards/make_shards.py demo --motions 8000 --out /tmp/demo --workers 14 > "$OUT/shards.log" 2>&1 || { tail -30 "$OUT/shards.log"; exit 1; }
-B="python3 benchmarks/train_step.py --device cuda --precision bf16 --shards /tmp/demo --repeats 1 --override model.text_model=/tmp/minilm"
+python3 shards/make_shards.py demo --motions 8000 --out "$WORK/demo" --workers 14 > "$OUT/shards.log" 2>&1 || { tail -30 "$OUT/shards.log"; exit 1; }
+B="python3 benchmarks/train_step.py --device cuda --precision bf16 --shards $WORK/demo --repeats 1 --override model.text_model=$WORK/minilm"
 $B --settings tuned:1:0 frozen:1:0 --json "$OUT/gpu_b32.json" 2>&1 | tee "$OUT/gpu_b32.txt"
 $B --batch-size 256 --warmup 5 --steps 20 --settings tuned:1:0 tuned:1:0:train.micro_batches=4 frozen:1:0 \
     --json "$OUT/gpu_b256.json" 2>&1 | tee "$OUT/gpu_b256.txt"

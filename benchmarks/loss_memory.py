@@ -23,7 +23,6 @@ import json
 import os
 import resource
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,9 +37,9 @@ import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from rehamot.objective import GlobalBatchObjective, LossConfig, reduce_stats  # noqa: E402
+from rehamot.config import LossConfig  # noqa: E402
 from rehamot.losses import chunk_width  # noqa: E402
+from rehamot.objective import GlobalBatchObjective, reduce_stats  # noqa: E402
 
 MB = 1 << 20
 # Bytes held per (anchor, candidate) cell at the peak, before a measurement calibrates
@@ -240,7 +239,7 @@ def main() -> None:
                 f"{predicted / MB:,.0f}", f"{first['loss']:.6f}", f"{first['dropped']:,.0f}",
                 f"{100 * first['drop_rate']:.2f} %",
             ]), flush=True)
-    print(f"\nbytes per score cell at the peak (measured): "
+    print("\nbytes per score cell at the peak (measured): "
           + ", ".join(f"{k} {v:.1f}" for k, v in bytes_per_cell.items() if k in calibrated))
 
 

@@ -1,8 +1,9 @@
 """The paper's comparison on the demo corpus: SH vs MH vs DropTriple (and InfoNCE).
 
-Every run is the real entry point (`rehamot/train.py configs/demo.yaml ...`, validation picks
-the best epoch, the test split is scored from that bundle) followed by
-`rehamot/evaluate.py RUN --protocol captions,tmr-all,tmr-batch32`, so the numbers are what a user would get. Grids:
+Every run is the real entry point (`python -m rehamot.train configs/demo.yaml ...`, validation
+picks the best epoch, the test split is scored from that bundle) followed by
+`python -m rehamot.evaluate RUN --protocol captions,tmr-all,tmr-batch32`, so the numbers are
+what a user would get. Grids:
 
   main        sh, mh, droptriple, infonce x seeds, frozen LM
   tuned       mh, droptriple x seeds, fine-tuned LM (train.lm_lr)
@@ -16,9 +17,12 @@ the best epoch, the test split is scored from that bundle) followed by
   long        --long-losses for --long-factor x the epochs (first seed): do the single-negative
               losses catch up with SH / InfoNCE given more steps?
 
-    python shards/make_shards.py demo --motions 2000 --out data/demo
+    python shards/make_shards.py demo --motions 2000 --out data/demo     # what `make demo` builds
     HF_HUB_OFFLINE=1 python benchmarks/losses.py --shards data/demo --out runs/losses
     python benchmarks/losses.py --out runs/losses --report      # the markdown tables again
+
+--shards and --out default to data/demo and runs/losses in the repository; relative paths
+are taken from the current directory.
 
 Results are appended to OUT/results.jsonl as each run ends; a re-launch skips finished runs.
 `--jobs 2` runs two trainings at once with one thread each (faster on 2 cores than one run
@@ -98,7 +102,7 @@ def execute(run: Run, args: argparse.Namespace, threads: int) -> dict:
     run_dir = Path(args.out) / run.name
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    train = [sys.executable, str(REPO / "rehamot/train.py"), str(REPO / "configs/demo.yaml"),
+    train = [sys.executable, "-m", "rehamot.train", str(REPO / "configs/demo.yaml"),
              f"data.shards={args.shards}", f"run.dir={run_dir}", f"seed={run.seed}",
              f"train.epochs={args.epochs}", *run.overrides, *args.override]
     started = time.perf_counter()
@@ -106,7 +110,7 @@ def execute(run: Run, args: argparse.Namespace, threads: int) -> dict:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         subprocess.run(train, env=env, stdout=out, stderr=subprocess.STDOUT, check=True, cwd=REPO)
-        subprocess.run([sys.executable, str(REPO / "rehamot/evaluate.py"), str(run_dir), "--split", "test",
+        subprocess.run([sys.executable, "-m", "rehamot.evaluate", str(run_dir), "--split", "test",
                         "--protocol", ",".join(PROTOCOLS), "--no-figures"],
                        env=env, stdout=out, stderr=subprocess.STDOUT, check=True, cwd=REPO)
     seconds = time.perf_counter() - started
@@ -159,8 +163,8 @@ def report(results: dict[str, dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", default="data/demo")
-    parser.add_argument("--out", default="runs/losses")
+    parser.add_argument("--shards", type=Path, default=REPO / "data" / "demo", help="default: data/demo")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "losses", help="default: runs/losses")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--tuned-seeds", type=int, default=1, help="how many of --seeds the tuned grid uses")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.6, 0.7, 0.8, 0.9])
@@ -174,7 +178,9 @@ def main() -> int:
     parser.add_argument("--override", action="append", default=[], help="extra key=value for every run")
     parser.add_argument("--report", action="store_true", help="print the tables of OUT/results.jsonl and exit")
     args = parser.parse_args()
-    out = Path(args.out)
+    # absolute: the trainings run in the repository root, this driver wherever it was started
+    args.shards, args.out = args.shards.resolve(), args.out.resolve()
+    out = args.out
     if args.report:
         print(report(load_results(out)))
         return 0

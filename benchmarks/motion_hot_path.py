@@ -1,15 +1,16 @@
-"""The motion tower's hot path (issue 7, section 3): padding, dropout, attention, compile.
+"""The motion tower's hot path: padding, dropout, attention, compile.
 
-    python shards/make_shards.py demo --motions 2000 --out /tmp/bench-demo
-    .venv/bin/python benchmarks/motion_hot_path.py --shards /tmp/bench-demo
-    .venv/bin/python benchmarks/motion_hot_path.py --shards /tmp/bench-demo --compile  # +7 min
+    python shards/make_shards.py demo --motions 2000 --out data/demo   # the default --shards
+    .venv/bin/python benchmarks/motion_hot_path.py
+    .venv/bin/python benchmarks/motion_hot_path.py --compile  # +7 min
 
 1. Padding: padded frames / real frames of the real training stream (TrainStream, batch 32,
    full motions: data.min_len unset) over a few epochs, per `length_buckets`.
 2. Motion-tower training step (forward + backward, paper size, batch 32), variants run
    interleaved step by step in one process on the same stream batches, so that the shared
    machine's drift hits them alike:
-   - plain:  nn.TransformerEncoderLayer + F.dropout (what the tower was before issue 7);
+   - plain:  nn.TransformerEncoderLayer + F.dropout (the tower before its fast dropout masks,
+             commit 402d417);
    - fast:   EncoderLayer + fast_dropout (what it is now);
    - plain+buckets / fast+buckets: the same on length-bucketed batches;
    - fast+chunks: fast on the unbucketed batches, each run as length-sorted row groups
@@ -28,21 +29,16 @@ import contextlib
 import copy
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from common import DEMO_SHARDS, command_line, plain_input_dropout, plain_layers, require_shards
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rehamot.data.pipeline import DataConfig, TrainStream  # noqa: E402
-from rehamot.models import motion_encoder  # noqa: E402
-from rehamot.models.motion_encoder import MotionEncoder, MotionEncoderConfig  # noqa: E402
+from rehamot.data.pipeline import DataConfig, TrainStream
+from rehamot.models.motion_encoder import MotionEncoder, MotionEncoderConfig
 
 
 def stream_batches(shards: str, buckets: int, epochs: int, batch_size: int = 32) -> Iterator[dict]:
@@ -82,23 +78,9 @@ def chunk_padding_table(shards: str, chunks: list[int], epochs: int) -> None:
     print()
 
 
-@contextlib.contextmanager
-def plain_input_dropout() -> Iterator[None]:
-    """The encoder's input dropout as F.dropout (bernoulli_), as before issue 7."""
-    fast = motion_encoder.fast_dropout
-    motion_encoder.fast_dropout = lambda x, p, training=True: F.dropout(x, p, training)
-    try:
-        yield
-    finally:
-        motion_encoder.fast_dropout = fast
-
-
 def plain_copy(model: MotionEncoder) -> MotionEncoder:
     """The same weights on nn.TransformerEncoderLayer's own training path."""
-    plain = copy.deepcopy(model)
-    for layer in plain.encoder.layers:
-        layer.__class__ = nn.TransformerEncoderLayer
-    return plain
+    return plain_layers(copy.deepcopy(model))
 
 
 def cpu_time() -> float:
@@ -177,7 +159,7 @@ def compile_section(model: MotionEncoder, batches: list[dict], warmup: int, step
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--shards", default="/tmp/bench-demo")
+    parser.add_argument("--shards", default=str(DEMO_SHARDS), help="shard folder (manifest.json; default: data/demo)")
     parser.add_argument("--buckets", type=int, default=8, help="length_buckets of the bucketed variants")
     parser.add_argument("--padding-buckets", type=int, nargs="+", default=[0, 2, 4, 8, 16])
     parser.add_argument("--padding-epochs", type=int, default=3)
@@ -188,11 +170,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow)")
     args = parser.parse_args()
+    require_shards(args.shards)
     if args.compile and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         # A cold compile: inductor would otherwise reuse kernels from an earlier run.
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
     torch.set_num_threads(args.threads)
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(command_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)\n")
     padding_table(args.shards, args.padding_buckets, args.padding_epochs)
     chunk_padding_table(args.shards, args.padding_chunks, args.padding_epochs)

@@ -1,9 +1,9 @@
-"""AdamW step time on the paper model's parameters: for-loop vs foreach vs fused (issue 7).
+"""AdamW step time on the paper model's parameters: for-loop vs foreach vs fused.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/optimizer_step.py --repeats 5
 
 Builds the real two-tower model (model_factory, the paper's size, the packaged MiniLM
-fine-tuned, so ~26 M trainable parameters in train.py's parameter groups), fills every
+fine-tuned, so ~26 M trainable parameters in the trainer's parameter groups), fills every
 gradient with fixed random values, and times `optimizer.step()` of torch.optim.AdamW built
 as build_optimizer builds it, in each implementation; implementations are interleaved and
 the median over --repeats rounds of --steps steps is reported. It also checks that the
@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 IMPLS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 

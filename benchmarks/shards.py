@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+# The repository root first: this file's own name would otherwise shadow the `shards` package
+# (a script's folder comes first on sys.path), whose make_shards this benchmark times in-process.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rehamot.data import schema  # noqa: E402

@@ -1,22 +1,23 @@
-"""Start-up: launch -> first training batch, ours against the original, over corpus sizes (issue 7, part 4).
+"""Start-up: launch -> first training batch, ours against the original, over corpus sizes.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/startup.py --original /work/original \\
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/startup.py --original ORIGINAL \\
         --sizes 10000 50000 100000 --original-sizes 10000 25000 50000
 
-Corpora are demo corpora (`make_shards.py demo`, seed 0) under --data-root, one folder per
-size, built when missing, largest first: ours needs the shards of --sizes, the original the
-HumanML3D-layout source of --original-sizes (~173 KB per motion, new_joints/ included;
-shards ~140 KB per motion). A source folder is deleted once its size is measured, unless
---keep-sources (a rerun rebuilds it, byte-identical, with the same seed); shards are kept.
-Disk with the defaults: ~31 GB at the peak (the 100k build, before its source goes), ~23 GB
-of shards kept.
+Corpora are demo corpora (`make_shards.py demo`, seed 0) under --data-root (default
+data/bench in the repository), one folder per size (demo-SIZE), built when missing, largest
+first: ours needs the shards of --sizes, the original the HumanML3D-layout source of
+--original-sizes (~173 KB per motion, new_joints/ included; shards ~140 KB per motion). A
+source folder is deleted once its size is measured, unless --keep-sources (a rerun rebuilds
+it, byte-identical, with the same seed); shards are kept. Disk with the defaults: ~31 GB at
+the peak (the 100k build, before its source goes), ~23 GB of shards kept.
 
-- ours: `rehamot/train.py`'s `main()` with the paper-size overrides of vs_original.py, run by
-  a thin wrapper (this file with --worker ours) that notes the time when `import
-  rehamot.train` is done and when `Trainer.__init__` returns, and replaces
-  `Trainer.train_step` with one that notes the time the first batch reaches it, runs that
-  step, notes the time again and ends the process. Nothing else differs from
-  `python rehamot/train.py key=value ...` (the default config, then the overrides).
+- ours: `rehamot.train.main()` with the paper-size overrides (OURS_PAPER in common.py, as in
+  vs_original.py), run by a thin wrapper (this file with --worker ours) that notes the time when
+  `import rehamot.train` and `import rehamot.trainer` (the training stack, which main()
+  would import after its config checks) are done and when `Trainer.__init__` returns, and
+  replaces `Trainer.train_step` with one that notes the time the first batch reaches it, runs
+  that step, notes the time again and ends the process. Nothing else differs from
+  `python -m rehamot.train key=value ...` (the default config, then the overrides).
 - original: the start of its train.py (imports of torch, hydra, omegaconf, numpy and its own
   modules; the config composed by hydra; seeding; `get_loaders`, which reads every train and
   val file into RAM; the first batch of its train loader), then its model built as train.py
@@ -49,10 +50,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import vs_original as vs  # noqa: E402  (stdlib-only at import time: both interpreters can load it)
-
-REPO = vs.REPO
+from common import (
+    OURS_PAPER,
+    REPO,
+    build_original,
+    command_line,
+    comparison_parser,
+    instantiate_original,
+    minilm_dir,
+    original_python,
+    original_splits,
+    run_worker,
+    worker_env,
+)
 
 
 def note(path: Path, **times: float) -> None:
@@ -64,11 +74,11 @@ def note(path: Path, **times: float) -> None:
 # -- the workers ---------------------------------------------------------------------------------
 def ours_worker(args: argparse.Namespace) -> None:
     started = time.time()
-    sys.path.insert(0, str(REPO))
     import rehamot.train as train
+    from rehamot.trainer import Trainer
 
     imported = time.time()
-    real_init, real_step = train.Trainer.__init__, train.Trainer.train_step
+    real_init, real_step = Trainer.__init__, Trainer.train_step
     built: list[float] = []
 
     def init(trainer: Any, *a: Any, **kw: Any) -> None:
@@ -78,23 +88,23 @@ def ours_worker(args: argparse.Namespace) -> None:
     def first_step(trainer: Any, batch: dict[str, Any]) -> None:
         first_batch = time.time()
         real_step(trainer, batch)
-        note(Path(args.marker), started=started, imported=imported, built=built[0], first_batch=first_batch,
+        note(Path(args.result), started=started, imported=imported, built=built[0], first_batch=first_batch,
              first_step=time.time())
         os._exit(0)  # the run's teardown (checkpoint, export, evaluation) is not start-up
 
-    train.Trainer.__init__, train.Trainer.train_step = init, first_step
+    Trainer.__init__, Trainer.train_step = init, first_step
     with tempfile.TemporaryDirectory() as run_dir:
-        overrides = [*vs.OURS_PAPER, f"data.shards={args.shards}", f"run.dir={run_dir}",
+        overrides = [*OURS_PAPER, f"data.shards={args.shards}", f"run.dir={run_dir}",
                      f"train.batch_size={args.batch_size}", f"data.num_workers={args.loader_workers}",
                      *args.ours_override]
         code = train.main(overrides)
-    raise SystemExit(f"rehamot/train.py returned {code} before its first training step")
+    raise SystemExit(f"rehamot.train.main returned {code} before its first training step")
 
 
 def original_worker(args: argparse.Namespace) -> None:
     started = time.time()
-    sys.path.insert(0, str(args.original))
-    import numpy  # noqa: F401  (train.py's imports, in its order, less tensorboardX and evaluation.py)
+    sys.path.insert(0, str(args.original))  # the original's own code, passed as --original
+    import numpy  # noqa: F401, I001  (train.py's imports, in its order, less tensorboardX and evaluation.py)
     import torch  # noqa: F401
     import hydra  # noqa: F401
     from omegaconf import DictConfig  # noqa: F401
@@ -104,18 +114,18 @@ def original_worker(args: argparse.Namespace) -> None:
 
     imported = time.time()
     args.lm = "frozen"
-    cfg = vs.build_original(args, progress_bar=True)  # compose + seed, as train.py before its loaders
+    cfg = build_original(args, progress_bar=True)  # compose + seed, as train.py before its loaders
     opt = cfg.machine
     train_loader, _val_loader = get_loaders(dataname=opt.dataname, batch_size=args.batch_size,
                                             workers=opt.num_workers, cfg=cfg.data)
     loaded = time.time()
     batch = next(iter(train_loader))
     first_batch = time.time()
-    model = vs.instantiate_original(cfg, train_loader.dataset.nfeats)
+    model = instantiate_original(cfg, train_loader.dataset.nfeats)
     built = time.time()
     model.train_start()
     model.train_emb(**batch, val_step=opt.val_step, init=False)
-    note(Path(args.marker), started=started, imported=imported, loaded=loaded, first_batch=first_batch,
+    note(Path(args.result), started=started, imported=imported, loaded=loaded, first_batch=first_batch,
          built=built, first_step=time.time(), train_items=len(train_loader.dataset))
 
 
@@ -170,19 +180,13 @@ def mem_available() -> int:
 
 # -- the driver ----------------------------------------------------------------------------------
 def launch(impl: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
-    with tempfile.TemporaryDirectory() as tmp:
-        marker = Path(tmp) / "marker.json"
-        python = args.python if impl == "original" else sys.executable
-        cmd = [python, str(Path(__file__).resolve()), "--worker", impl, "--marker", str(marker),
-               "--original", str(args.original), "--shards", str(out), "--source", str(out / "source"),
-               "--splits", str(out / "original-splits"), "--text-model", args.text_model,
-               "--batch-size", str(args.batch_size), "--loader-workers", str(args.loader_workers),
-               *[f"--ours-override={o}" for o in args.ours_override]]
-        launched = time.time()
-        proc = subprocess.run(cmd, env=vs.worker_env(args.threads), capture_output=True, text=True, cwd=REPO)
-        if proc.returncode != 0 or not marker.is_file():
-            raise SystemExit(f"{impl} at {out}: exited {proc.returncode}\n{' '.join(cmd)}\n{proc.stderr[-4000:]}")
-        times = json.loads(marker.read_text())
+    python = args.python if impl == "original" else sys.executable
+    cmd = [python, str(Path(__file__).resolve()), "--worker", impl,
+           "--original", str(args.original), "--shards", str(out), "--source", str(out / "source"),
+           "--splits", str(out / "original-splits"), "--text-model", args.text_model,
+           "--batch-size", str(args.batch_size), "--loader-workers", str(args.loader_workers),
+           *[f"--ours-override={o}" for o in args.ours_override]]
+    times, launched = run_worker(cmd, worker_env(args.threads), f"{impl} at {out}")
     return {k: (v - launched if k not in ("max_rss_mb", "train_items") else v) for k, v in times.items()}
 
 
@@ -212,8 +216,9 @@ def print_table(sizes: list[int], ours: dict[int, dict[str, float]], orig: dict[
         print(f"original launch -> first batch fitted over {sorted(orig)} motions: "
               f"{a:.2f} s + {1000 * b:.3f} s per 1,000 motions\n")
     print("| motions | ours: launch → first batch s (imports / Trainer built / loader) | ours: → first step done s "
-          "| ours, first of the launches: → first batch s (builds the text cache if the corpus has none) | original: launch → first batch s (imports / "
-          "config + every file read / loader) | original: → first step done s (model built, no validation pass) "
+          "| ours, first of the launches: → first batch s (builds the text cache if the corpus has none) "
+          "| original: launch → first batch s (imports / config + every file read / loader) "
+          "| original: → first step done s (model built, no validation pass) "
           "| original max RSS MB | first batch original/ours |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in sorted(set(sizes) | set(orig)):
@@ -235,11 +240,9 @@ def print_table(sizes: list[int], ours: dict[int, dict[str, float]], orig: dict[
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--original", type=Path, required=True, help="the original's folder (model/, configs/, .venv/)")
-    parser.add_argument("--original-python", default=None, help="its interpreter (default ORIGINAL/.venv/bin/python)")
-    parser.add_argument("--data-root", type=Path, default=Path("/work/bench-data"), help="where corpora are built")
+    parser = comparison_parser(__doc__)
+    parser.add_argument("--data-root", type=Path, default=REPO / "data" / "bench",
+                        help="where corpora are built (default: data/bench in the repository)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000], help="corpus sizes for ours")
     parser.add_argument("--original-sizes", type=int, nargs="*", default=[10_000, 25_000, 50_000],
                         help="corpus sizes for the original (it holds the corpus in RAM; a size that would not "
@@ -250,11 +253,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--build-workers", type=int, default=2, help="processes that build a missing corpus")
     parser.add_argument("--keep-sources", action="store_true", help="keep source folders after measuring")
-    parser.add_argument("--ours-override", action="append", default=[], help="extra config key=value for ours")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--worker", choices=("original", "ours"), help=argparse.SUPPRESS)
-    for hidden in ("--marker", "--shards", "--source", "--splits", "--text-model", "--lm"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -264,9 +262,9 @@ def main() -> None:
         (original_worker if args.worker == "original" else ours_worker)(args)
         return
     args.original = args.original.resolve()
-    args.python, args.text_model = vs.original_python(args.original, args.original_python), vs.minilm_dir()
+    args.python, args.text_model = original_python(args.original, args.original_python), minilm_dir()
     args.data_root.mkdir(parents=True, exist_ok=True)
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(command_line())
     load_before = os.getloadavg()[0]
     ours: dict[int, dict[str, float]] = {}
     orig: dict[int, dict[str, float]] = {}
@@ -277,7 +275,7 @@ def main() -> None:
         if size in args.sizes:
             ours[size] = measure("ours", args, out, size)
         if size in args.original_sizes:
-            vs.original_splits(out / "source")
+            original_splits(out / "source")
             need, free = 2 * original_bytes(out / "source"), mem_available()
             if need > free:
                 print(f"  original at {size}: skipped, ~{need / 2**30:.1f} GiB needed (2x its motion files), "

@@ -3,7 +3,8 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/streaming.py [--shards DIR] [--workers 0 1 2]
 
 Without --shards it writes a synthetic HumanML3D-shaped shard set (263 features, 40-200
-frames at 20 fps, the demo corpus's range; 1-4 captions per motion) to a temporary folder.
+frames at 20 fps, the demo corpus's range; 1-4 captions per motion; common.py's
+write_synthetic_shards) to a temporary folder.
 Prints a markdown table: per worker count, the time to the first batch, the steady rate
 (after the first batch), samples/s per worker, and the time to the first batch when resuming
 at mid-epoch (which reads and decodes, but does not crop or tokenise, the skipped half).
@@ -12,17 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "unit")]
+from common import minilm_tokenizer, write_synthetic_shards
 
-from data_fixtures import minilm_tokenizer, write_shard_set  # noqa: E402
-
-from rehamot.data.pipeline import DataConfig, TrainStream  # noqa: E402
+from rehamot.data.pipeline import DataConfig, TrainStream
 
 
 def measure(cfg: DataConfig, tokenizer, epoch: int) -> dict[str, float]:
@@ -60,12 +57,12 @@ def main() -> None:
             per = args.motions // args.shard_count
             sizes = [per + (i < args.motions % args.shard_count) for i in range(args.shard_count)]
             written = time.perf_counter()
-            write_shard_set(Path(tmp), {"train": sizes}, feature_dim=263, frames=(40, 200))
+            write_synthetic_shards(Path(tmp), {"train": sizes}, feature_dim=263, frames=(40, 200))
             print(f"wrote {args.motions} synthetic motions in {args.shard_count} shards "
                   f"({time.perf_counter() - written:.1f} s)\n")
             shards = tmp
-        print(f"| workers | samples | first batch (s) | samples/s | samples/s per worker "
-              f"| resume to mid-epoch (s) |")
+        print("| workers | samples | first batch (s) | samples/s | samples/s per worker "
+              "| resume to mid-epoch (s) |")
         print("|---:|---:|---:|---:|---:|---:|")
         for epoch, workers in enumerate(args.workers):
             cfg = DataConfig(shards, batch_size=args.batch_size, num_workers=workers,

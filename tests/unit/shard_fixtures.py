@@ -14,9 +14,7 @@ from rehamot.data import schema
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "shards" / "make_shards.py"
 # shared/ lies beside the checkout (CI clones elsewhere and copies shared/ next to the clone)
-REAL_SAMPLE = next((p for p in (REPO_ROOT.parent / "shared" / "fixtures" / "humanml3d-sample",
-                                Path("/work/shared/fixtures/humanml3d-sample")) if p.is_dir()),
-                   REPO_ROOT.parent / "shared" / "fixtures" / "humanml3d-sample")
+REAL_SAMPLE = REPO_ROOT.parent / "shared" / "fixtures" / "humanml3d-sample"
 
 
 def random_motion(rng: np.random.Generator, frames: int, dim: int = 263) -> np.ndarray:

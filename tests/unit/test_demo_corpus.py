@@ -22,12 +22,9 @@ from shards.demo_skeleton import CHANNELS, ROOT_CHANNELS, mirror_joints
 
 REPO = Path(__file__).resolve().parents[2]
 MOTIONS = 300
-REAL_SAMPLE = next(
-    (p for p in (REPO / "tests" / "fixtures" / "humanml3d-sample",
-                 REPO.parent / "shared" / "fixtures" / "humanml3d-sample",
-                 Path("/work/shared/fixtures/humanml3d-sample")) if p.is_dir()),
-    None,
-)
+# shared/ lies beside the checkout (CI clones elsewhere and copies shared/ next to the clone)
+SHARED_SAMPLE = REPO.parent / "shared" / "fixtures" / "humanml3d-sample"
+REAL_SAMPLE = SHARED_SAMPLE if SHARED_SAMPLE.is_dir() else None
 
 
 @pytest.fixture(scope="module")
