@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo shards-demo test bench clean
+.PHONY: setup demo shards-demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -30,8 +30,16 @@ shards-demo: $(DEMO)/manifest.json
 demo: shards-demo
 	$(PY) rehamot/train.py configs/demo.yaml data.shards=$(DEMO) $(ARGS)
 
+# The whole suite (unit, multi-process, end-to-end): ~12 min on 2 idle cores.
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Unit tests only: ~1.5 min on 2 idle cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rehamot shards tests benchmarks
 
 clean:
 	rm -rf $(VENV) data runs

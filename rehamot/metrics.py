@@ -1,7 +1,7 @@
 """Retrieval metrics and the named evaluation protocols (numpy only).
 
 Published motion-text numbers come from protocols that are easy to mix up, so every result
-here is keyed by its protocol name (issue 5, section 1):
+here is keyed by its protocol name:
 
 - ``captions``: the original Rehamot protocol: every test caption queries all motions, every
   motion queries all captions; pessimistic ties; MedR = floor(median rank) + 1.

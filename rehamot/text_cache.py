@@ -1,7 +1,7 @@
 """Frozen-LM text features, computed once per distinct training caption and reused every step.
 
 With a frozen language model, `TextEncoder.features()` is a pure function of the caption, so
-training needs only the projection head on the text side (issue 7, part 1). `load_or_build`
+training needs only the projection head on the text side. `load_or_build`
 returns a `TextFeatureCache` that maps each caption text of a training split to its pooled
 backbone features (float32, what the head takes).
 

@@ -4,7 +4,7 @@ Linear(F->d), a learnable summary token prepended, sinusoidal positions, a post-
 transformer encoder with a padding mask, the token's output L2-normalised, projected to the
 joint space and L2-normalised again (the order of the original code).
 
-The training hot path (issue 7): `nn.TransformerEncoderLayer` draws its four dropout masks
+The training hot path: `nn.TransformerEncoderLayer` draws its four dropout masks
 per layer with `aten::bernoulli_`, which on CPU costs ~10-20 ns per element and took a
 third of the original's step. `EncoderLayer` is that class (same submodules, same state-dict
 keys, same eval fast path) with `fast_dropout`, which draws 16-bit uniforms four per 64-bit

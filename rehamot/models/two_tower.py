@@ -69,23 +69,17 @@ class TwoTower(nn.Module):
         return motion_emb, text_emb
 
     def param_groups(
-        self, lr: float, lm_lr: float, weight_decay: float = 0.0, include_frozen_lm: bool = False
+        self, lr: float, lm_lr: float, weight_decay: float = 0.0
     ) -> list[dict[str, Any]]:
         """Optimizer groups "motion", "heads" (text projection + logit scale) and "lm".
 
-        Only trainable parameters are listed. The "lm" group is left out while the LM is
-        frozen unless include_frozen_lm: then it is added with lr = lm_lr so an optimizer (and
-        an lr scheduler, whose base lr is read once) can be built once and the LM unfrozen
-        later with `model.text.set_finetune(True)`. While frozen its grads stay None, and
-        torch optimizers skip such parameters entirely (no update, no weight decay, no state).
-        Note DDP and DeepSpeed register only parameters that require grad when they wrap the
-        model: unfreezing after wrapping needs the model prepared again.
+        Only trainable parameters are listed: the "lm" group is left out while the LM is
+        frozen. (A fine-tuned LM that waits for `model.lm_unfreeze_step` is trainable from the
+        start with lr 0: DDP and DeepSpeed fix the trainable set when they wrap the model.)
         """
         motion = [p for p in self.motion.parameters() if p.requires_grad]
         heads = [p for p in (*self.text.projection.parameters(), self.logit_scale) if p.requires_grad]
-        lm = list(self.text.backbone.parameters())
-        if not (self.text.finetune or include_frozen_lm):
-            lm = []
+        lm = list(self.text.backbone.parameters()) if self.text.finetune else []
         groups = [
             {"name": "motion", "params": motion, "lr": lr, "weight_decay": weight_decay},
             {"name": "heads", "params": heads, "lr": lr, "weight_decay": weight_decay},

@@ -4,7 +4,7 @@ Both runs are the real entry point on real demo shards with the packaged MiniLM 
 run side by side (one thread each). Motion dropout is off, so the only thing that differs
 between them is where the caption features come from: the cache built at start-up, or the LM
 run on each batch's tokens. The features then differ only by float rounding (other padding in
-other batches), far below the 1e-6 the issue asks of the losses.
+other batches), far below the 1e-6 asked of the losses.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Retrieval metrics and protocols against hand-computed cases (issue 5, section 1)."""
+"""Retrieval metrics and protocols against hand-computed cases."""
 from __future__ import annotations
 
 import io

@@ -185,38 +185,11 @@ def test_param_groups_cover_every_trainable_parameter_once(frozen_model: TwoTowe
     heads = next(g for g in groups if g["name"] == "heads")
     assert any(p is frozen_model.logit_scale for p in heads["params"]) and len(heads["params"]) == 3
 
-    with_lm = frozen_model.param_groups(lr=2e-4, lm_lr=2e-5, include_frozen_lm=True)
-    assert [(g["name"], g["lr"]) for g in with_lm] == [("motion", 2e-4), ("heads", 2e-4), ("lm", 2e-5)]
-    assert len({id(p) for g in with_lm for p in g["params"]}) == sum(1 for _ in frozen_model.parameters())
-
     tuned = TwoTower(two_tower_config(finetune=True))
     groups = tuned.param_groups(lr=1e-4, lm_lr=1e-5)
     assert [g["name"] for g in groups] == ["motion", "heads", "lm"]
     _assert_exact_cover(tuned, groups)
     assert len({id(p) for g in groups for p in g["params"]}) == sum(1 for _ in tuned.parameters())
-
-
-def test_a_frozen_lm_group_is_skipped_by_the_optimizer_until_unfrozen(batch) -> None:
-    torch.manual_seed(7)
-    model = TwoTower(two_tower_config())
-    optimizer = torch.optim.AdamW(model.param_groups(lr=1e-3, lm_lr=1e-3, weight_decay=0.1,
-                                                     include_frozen_lm=True))
-    lm_before = [p.detach().clone() for p in model.text.backbone.parameters()]
-    motion_before = model.motion.projection.weight.detach().clone()
-
-    def step() -> None:
-        optimizer.zero_grad()
-        motion_emb, text_emb = model(batch)
-        (motion_emb * text_emb).sum().neg().backward()
-        optimizer.step()
-
-    step()
-    assert all(torch.equal(a, b) for a, b in zip(lm_before, model.text.backbone.parameters()))
-    assert not torch.equal(motion_before, model.motion.projection.weight)
-    model.text.set_finetune(True)
-    step()
-    changed = sum(not torch.equal(a, b) for a, b in zip(lm_before, model.text.backbone.parameters()))
-    assert changed == len(lm_before)
 
 
 def test_temperature_starts_at_0_07_is_clamped_and_optional(frozen_model: TwoTower) -> None:

@@ -33,7 +33,7 @@ def padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def plain_copy(encoder: MotionEncoder) -> MotionEncoder:
-    """The same weights on nn.TransformerEncoderLayer's own path (the layout before issue 7)."""
+    """The same weights on nn.TransformerEncoderLayer's own path (the layout before the fast-dropout encoder layer)."""
     plain = copy.deepcopy(encoder)
     for layer in plain.encoder.layers:
         layer.__class__ = nn.TransformerEncoderLayer
