@@ -11,17 +11,33 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rehamot.checkpoint import complete_checkpoints
 from rehamot.config import Config, to_yaml
 
 RECORDED_PACKAGES = ("torch", "accelerate", "deepspeed", "transformers", "webdataset", "numpy", "omegaconf")
 RECORDED_ENV = ("ACCELERATE_CONFIG_FILE", "SLURM_JOB_ID", "MASTER_ADDR", "MASTER_PORT")
 
 
-def new_run_dir(cfg: Config) -> Path:
-    """run.dir, or <run.root>/<run.name>-<date>-<time> (decide on rank 0 and broadcast it)."""
+def choose_run_dir(cfg: Config) -> tuple[Path, str | None]:
+    """The run directory and, when it was looked for, one line saying which (decide on rank 0
+    and broadcast it).
+
+    run.dir when set; else with resume=latest the newest <run.root>/<run.name>-* that holds a
+    complete checkpoint (names sort by their timestamp); else a new
+    <run.root>/<run.name>-<date>-<time>.
+    """
     if cfg.run.dir is not None:
-        return Path(cfg.run.dir)
-    return Path(cfg.run.root) / f"{cfg.run.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        return Path(cfg.run.dir), None
+    new = Path(cfg.run.root) / f"{cfg.run.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if cfg.resume != "latest":
+        return new, None
+    root = Path(cfg.run.root)
+    earlier = sorted(p for p in root.glob(f"{cfg.run.name}-*") if p.is_dir() and complete_checkpoints(p)) \
+        if root.is_dir() else []
+    if earlier:
+        return earlier[-1], f"resume=latest: resuming the newest {cfg.run.name} run under {root}: {earlier[-1]}"
+    return new, (f"resume=latest: no {cfg.run.name}-* run under {root} has a checkpoint; "
+                 f"starting fresh in {new}")
 
 
 def git_commit() -> str | None:

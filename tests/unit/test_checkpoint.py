@@ -80,3 +80,30 @@ def test_lr_schedules():
     assert cos(60) == pytest.approx(0.5) and cos(110) == pytest.approx(0.0)
     lm = gated(lr_multiplier("constant", 10), open_at=5)
     assert [lm(s) for s in (0, 4, 5)] == [0.0, 0.0, 1.0]
+
+
+def _fake_run(root, name, with_checkpoint):
+    run = root / name
+    (run / "checkpoints").mkdir(parents=True)
+    if with_checkpoint:
+        (run / "checkpoints" / "step-00000004").mkdir()
+        (run / "checkpoints" / "step-00000004" / "position.json").write_text("{}")
+    return run
+
+
+def test_resume_latest_without_run_dir_finds_the_newest_run_with_a_checkpoint(tmp_path):
+    from rehamot.config import load_config
+    from rehamot.run_files import choose_run_dir
+
+    overrides = [f"run.root={tmp_path}", "run.name=demo", "resume=latest"]
+    fresh, why = choose_run_dir(load_config(None, overrides))
+    assert fresh.parent == tmp_path and fresh.name.startswith("demo-") and "starting fresh" in why
+    _fake_run(tmp_path, "demo-20260101-000000", True)
+    newest = _fake_run(tmp_path, "demo-20260102-000000", True)
+    _fake_run(tmp_path, "demo-20260103-000000", False)  # started, never saved: nothing to resume
+    _fake_run(tmp_path, "other-20260104-000000", True)  # another run's name
+    chosen, why = choose_run_dir(load_config(None, overrides))
+    assert chosen == newest and str(newest) in why
+    assert choose_run_dir(load_config(None, [*overrides, f"run.dir={tmp_path / 'x'}"])) == (tmp_path / "x", None)
+    new, why = choose_run_dir(load_config(None, overrides[:2]))  # no resume: always a new folder
+    assert new not in (newest,) and why is None
