@@ -1,10 +1,14 @@
-"""What the user sees of a run: a rich progress bar, metrics.jsonl and TensorBoard.
+"""What the user sees of a run: progress, metrics.jsonl and TensorBoard.
 
-Only the main process creates a RunLog; the other ranks get a `NullLog` with the same methods.
+In a terminal a rich progress bar shows the step, loss, speed and time left; when the output
+goes to a file (a log, CI, SLURM) each logged step is one plain line instead, since a progress
+bar would collapse into one clipped line there. Only the main process creates a RunLog; the
+other ranks get a `NullLog` with the same methods.
 """
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,35 +16,62 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
+def loss_label(loss_name: str, configured: str | None) -> str:
+    """The loss of a step, saying when it is the warm-up before the configured one."""
+    if configured is None or loss_name == configured:
+        return loss_name
+    return f"{loss_name} (warm-up → {configured})"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 class RunLog:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, console: Console | None = None):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, console: Console | None = None,
+                 loss_name: str | None = None):
         from torch.utils.tensorboard import SummaryWriter  # heavy import: main process only
 
         self.console = console or Console()
+        self.total_steps, self.start_step, self.loss_name = total_steps, start_step, loss_name
+        self.started = time.perf_counter()
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(bar_width=20),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-        )
-        self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
-        self.progress.start()
+        self.progress: Progress | None = None
+        if self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(bar_width=20),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
+            self.progress.start()
 
-    def step(self, step: int, record: dict[str, Any] | None) -> None:
-        self.progress.update(self.task, completed=step)
-        if record is None:
-            return
-        status = (
-            f"{record['loss_name']} {record['loss']:.3f} | {record['samples_per_s']:.0f}/s "
+    def status(self, record: dict[str, Any]) -> str:
+        return (
+            f"{loss_label(record['loss_name'], self.loss_name)} {record['loss']:.3f} | {record['samples_per_s']:.0f}/s "
             f"| data {record['data_wait_s'] * 1e3:.0f}ms | drop {record['dropped_negatives']:.0f} "
             f"| lr {record.get('lr/motion', 0.0):.1e}"
         )
-        self.progress.update(self.task, status=status)
+
+    def step(self, step: int, record: dict[str, Any] | None) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+        if record is None:
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, status=self.status(record))
+        else:
+            done = step - self.start_step
+            elapsed = time.perf_counter() - self.started
+            eta = elapsed / done * (self.total_steps - step) if done else 0.0
+            self.console.print(f"step {step}/{self.total_steps} | {self.status(record)} | "
+                               f"elapsed {_duration(elapsed)} | ETA {_duration(eta)}", highlight=False, soft_wrap=True)
         self.write(record)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -52,12 +83,13 @@ class RunLog:
         self.tb.flush()
 
     def print(self, *args: Any) -> None:
-        self.progress.console.print(*args)
+        self.console.print(*args)
 
     def close(self) -> None:
         if self.jsonl.closed:
             return
-        self.progress.stop()
+        if self.progress is not None:
+            self.progress.stop()
         self.jsonl.close()
         self.tb.close()
 
