@@ -53,6 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"rehamot: {err}\n(or run `make demo`, which builds the demo shards and trains)", file=sys.stderr)
         return 2
+    from rehamot.models import check_text_model
+
+    try:  # before the run dir exists: a missing model leaves nothing half-made behind
+        check_text_model(cfg.model.text_model)
+    except OSError as err:
+        print(f"rehamot: {err}", file=sys.stderr)
+        return 2
     from rehamot.trainer import Trainer  # the heavy stack, after the cheap checks
 
     trainer = Trainer(cfg, manifest)

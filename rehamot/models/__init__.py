@@ -5,6 +5,7 @@ from rehamot.models.motion_encoder import MotionEncoder, MotionEncoderConfig, si
 from rehamot.models.text_encoder import (
     TextEncoder,
     TextEncoderConfig,
+    check_text_model,
     detect_pooling,
     embedded_model_dir,
     load_tokenizer,
@@ -17,6 +18,7 @@ __all__ = [
     "MotionEncoderConfig",
     "TextEncoder",
     "TextEncoderConfig",
+    "check_text_model",
     "TwoTower",
     "TwoTowerConfig",
     "detect_pooling",

@@ -105,6 +105,44 @@ def _not_found(name: str, error: Exception) -> OSError:
     )
 
 
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def check_text_model(name_or_path: str | None) -> None:
+    """Fail in seconds, with what to do, when the text model cannot be loaded: not a local
+    folder, not in the Hugging Face cache, and the hub offline or unreachable (loading would
+    otherwise retry the hub for about a minute before failing)."""
+    model = resolve_text_model(name_or_path)
+    if Path(model).is_dir():
+        if not (Path(model) / "config.json").is_file():
+            raise _not_found(model, FileNotFoundError(f"no config.json in {model}"))
+        return
+    if _in_hub_cache(model):
+        return
+    if _offline() or not _hub_reachable():
+        raise _not_found(model, ConnectionError("no network path to the Hugging Face hub"))
+
+
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports and progress bars for the duration."""

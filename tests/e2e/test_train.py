@@ -152,3 +152,12 @@ def test_lm_finetuning_changes_the_lm_and_frozen_lm_stays(demo_shards, tmp_path)
     assert lr_lm == [0.0, 0.0]
     changed = sum(not (t[k] == pristine[k]).all() for k in t)
     assert changed > len(t) // 2
+
+
+def test_a_missing_hub_model_is_one_line_before_any_run_dir(demo_shards, tmp_path):
+    out = run_cli([sys.executable, "rehamot/train.py", "configs/humanml3d.yaml", f"data.shards={demo_shards}",
+                   f"run.root={tmp_path / 'runs'}"], env={"HF_HUB_OFFLINE": "1"}, check=False)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "distilbert-base-uncased" in out.stderr and "local copy" in out.stderr
+    assert not (tmp_path / "runs").exists()
