@@ -8,6 +8,7 @@ with several processes.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from rehamot.metrics import (
     evaluate_protocols,
     nsim_ids,
 )
+from rehamot.progress import track
 
 EXAMPLE_QUERIES = 6  # captions shown in the retrieval-examples figure
 EXAMPLE_TOP_K = 5
@@ -44,11 +46,17 @@ def encode_split(model, eval_set: EvalSet, device: torch.device, batch_size: int
     model.eval()
     dim = model.motion.cfg.embed_dim
     motion_emb = torch.zeros(eval_set.num_motions, dim, device=device)
-    for batch in eval_set.motion_batches(batch_size):
+    shown = eval_set.rank == 0
+    split = eval_set.cfg.split
+    motion_total = math.ceil(len(eval_set.motion_indices()) / batch_size)
+    for batch in track(eval_set.motion_batches(batch_size), motion_total,
+                       f"{split} split: encoding {eval_set.num_motions} motions", enabled=shown):
         emb = model.encode_motion(batch["motion"].to(device), batch["motion_mask"].to(device))
         motion_emb[batch["index"].to(device)] = emb.float()
     caption_emb = torch.zeros(eval_set.num_captions, dim, device=device)
-    for batch in eval_set.caption_batches(batch_size):
+    caption_total = math.ceil(len(eval_set.caption_indices()) / batch_size)
+    for batch in track(eval_set.caption_batches(batch_size), caption_total,
+                       f"{split} split: encoding {eval_set.num_captions} captions", enabled=shown):
         emb = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         caption_emb[batch["index"].to(device)] = emb.float()
     # Each row was filled by exactly one rank and is zero elsewhere: a sum assembles them.

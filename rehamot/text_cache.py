@@ -54,6 +54,7 @@ from rehamot.data.reading import (
     read_members,
     split_shards,
 )
+from rehamot.progress import track
 
 log = logging.getLogger("rehamot.text_cache")
 
@@ -354,8 +355,10 @@ def load_or_build(
         log.warning(f"text cache: {bad} sample(s) of split {split!r} had unreadable captions; "
                     "the training stream skips them too")
     batches = encode_batches(len(texts), batch_size)
+    share = batches[rank::world]
     mine = [encode_texts(encoder, tokenizer, [texts[i] for i in rows], max_text_len, device)
-            for rows in batches[rank::world]]
+            for rows in track(share, len(share), f"text cache: encoding {len(texts)} captions with the frozen LM",
+                              enabled=rank == 0)]
     encoded = sum(len(rows) for rows in batches[rank::world])
     hidden = int(encoder.hidden_size)
     local = torch.cat(mine) if mine else torch.zeros(0, hidden)

@@ -30,3 +30,17 @@ def test_a_log_file_gets_one_plain_line_per_logged_step(tmp_path):
     assert lines[0].startswith("step 5/150 | sh (warm-up → mh) 0.123 | 177/s") and "ETA" in lines[0]
     assert lines[1].startswith("step 10/150 | mh 0.123")
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [5, 10]
+
+
+def test_progress_in_a_log_file_is_a_start_and_an_end_line():
+    from rehamot.progress import track
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=100)
+    assert list(track(range(3), 3, "test split: encoding 9 motions", console=console)) == [0, 1, 2]
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "test split: encoding 9 motions: 3 batches ..."
+    assert lines[-1].startswith("test split: encoding 9 motions: 3 batches in ") and len(lines) == 2
+    out.truncate(0)
+    assert list(track(range(3), 3, "hidden", console=console, enabled=False)) == [0, 1, 2]  # other ranks
+    assert "hidden" not in out.getvalue()
