@@ -20,6 +20,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 POSITION_FILE = "position.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file."""
+
 LATEST_FILE = "latest"
 
 
@@ -64,11 +69,19 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     inner = latest_checkpoint(path)  # a run dir given instead of a checkpoint
     if inner is not None:
         return inner
-    raise FileNotFoundError(f"resume={resume}: no checkpoint there ({POSITION_FILE} missing)")
+    raise CheckpointError(f"resume={resume}: no checkpoint there ({path / POSITION_FILE} missing)")
 
 
-def read_position(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / POSITION_FILE).read_text())
+def read_position(ckpt: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = ckpt / POSITION_FILE
+    try:
+        position = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err}); resume from another checkpoint") from None
+    missing = set(required) - set(position) if isinstance(position, dict) else {"a JSON object"}
+    if missing:
+        raise CheckpointError(f"{path}: no {', '.join(sorted(missing))}; resume from another checkpoint")
+    return position
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -215,7 +215,10 @@ def nsim_ids(corpus: str | PathLike[str]) -> list[str]:
         return _parse_ids(packaged.read_text(encoding="utf-8"))
     path = Path(name)
     if path.is_file():
-        return _parse_ids(path.read_text(encoding="utf-8"))
+        try:
+            return _parse_ids(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"nsim list {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     raise ValueError(
         f"unknown nsim list {name!r}: give a corpus name ({', '.join(NSIM_CORPORA)}) "
         "or the path of a file with one motion id per line"

@@ -60,14 +60,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         print(f"rehamot: {err}", file=sys.stderr)
         return 2
+    empty = [f"data.{key}={getattr(cfg.data, key)}" for key in ("train_split", "val_split", "test_split")
+             if not manifest["splits"].get(getattr(cfg.data, key), {}).get("motions")]
+    if empty:
+        print(f"rehamot: {', '.join(empty)}: no samples in {cfg.data.shards}/manifest.json (splits there: "
+              f"{', '.join(k for k, v in manifest['splits'].items() if v.get('motions'))}); "
+              "point each at a split with samples", file=sys.stderr)
+        return 2
+    from rehamot.checkpoint import CheckpointError
     from rehamot.trainer import Trainer  # the heavy stack, after the cheap checks
 
-    trainer = Trainer(cfg, manifest)
-    hook = os.environ.get(TEST_HOOK_ENV)
-    if hook:
-        module, function = hook.split(":")
-        getattr(importlib.import_module(module), function)(trainer)
-    return trainer.run()
+    try:
+        trainer = Trainer(cfg, manifest)
+        hook = os.environ.get(TEST_HOOK_ENV)
+        if hook:
+            module, function = hook.split(":")
+            getattr(importlib.import_module(module), function)(trainer)
+        return trainer.run()
+    except CheckpointError as err:
+        print(f"rehamot: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.filename is None:  # not about a file: a real failure, keep its traceback
+            raise
+        print(f"rehamot: {err.filename}: {err.strerror or err} (is the run directory writable, the disk full?)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

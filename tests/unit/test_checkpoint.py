@@ -40,7 +40,7 @@ def test_save_latest_and_keep_last_k(tmp_path):
 def test_latest_without_checkpoint_starts_fresh(tmp_path):
     assert ckpt.resolve_resume("latest", tmp_path) is None
     assert ckpt.resolve_resume(None, tmp_path) is None
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
         ckpt.resolve_resume(str(tmp_path / "missing"), tmp_path)
 
 

@@ -268,6 +268,10 @@ def test_nsim_lists_ship_with_the_package(tmp_path):
     assert nsim_ids(listed) == ["b", "d"] and nsim_ids(str(listed)) == ["b", "d"]
     with pytest.raises(ValueError, match="humanml3d, kitml"):
         nsim_ids("humanml")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"nsim list {latin1}: not UTF-8"):
+        nsim_ids(latin1)
 
 
 def test_nsim_protocol_scores_the_listed_subset(tmp_path):

@@ -1,0 +1,67 @@
+"""Bad settings and broken state end in one line and a non-zero exit, never a traceback or a
+"successful" run."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_RUN, run_cli
+
+READ_ONLY = Path("/sys/rehamot-refusal-test")  # sysfs refuses new folders, even to root
+
+
+def train(overrides: list[str]):
+    return run_cli([sys.executable, "rehamot/train.py", "configs/demo.yaml", *TINY_RUN, *overrides], check=False)
+
+
+def assert_refused(out, *fragments: str) -> None:
+    """Exit 2, no traceback, and stderr holds exactly one line: the refusal."""
+    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr[-3000:]
+    assert lines[0].startswith("rehamot: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.log_every=0", "train.log_every=0: must be >= 1"),
+    ("train.epochs=0", "train.epochs=0: must be >= 1"),
+    ("train.max_steps=-3", "train.max_steps=-3: must be >= 1"),
+    ("data.num_workers=-1", "data.num_workers=-1: must be >= 0"),
+    ("train.lr=nan", "train.lr=nan: must be a finite number"),
+    ("loss.threshold_motion=1.5", "loss.threshold_motion=1.5: must be a cosine in (-1, 1]"),
+    ("loss.threshold_text=-2", "loss.threshold_text=-2.0: must be a cosine in (-1, 1]"),
+])
+def test_bad_values_are_refused_before_anything_runs(override, fragment, tmp_path):
+    out = train([f"run.dir={tmp_path / 'run'}", override])
+    assert_refused(out, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_split_without_samples_is_refused_before_training(demo_shards, tmp_path):
+    out = train([f"data.shards={demo_shards}", f"run.dir={tmp_path / 'run'}", "data.val_split=nosuch"])
+    assert_refused(out, "data.val_split=nosuch: no samples", "splits there: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_from_a_path_without_a_checkpoint(demo_shards, tmp_path):
+    out = train([f"data.shards={demo_shards}", f"run.dir={tmp_path / 'run'}", f"resume={tmp_path / 'nothing'}"])
+    assert_refused(out, "no checkpoint there", str(tmp_path / "nothing"))
+
+
+def test_a_truncated_position_file_names_the_file(demo_shards, tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "position.json").write_text('{"step": 4, "epo')
+    out = train([f"data.shards={demo_shards}", f"run.dir={tmp_path / 'run'}", "resume=latest"])
+    assert_refused(out, str(checkpoint / "position.json"), "unreadable")
+
+
+@pytest.mark.skipif(os.access("/sys", os.W_OK) and not READ_ONLY.parent.is_dir(), reason="needs a read-only /sys")
+def test_an_unwritable_run_dir_is_one_line(demo_shards):
+    out = train([f"data.shards={demo_shards}", f"run.dir={READ_ONLY}"])
+    assert_refused(out, str(READ_ONLY), "writable")
