@@ -6,16 +6,22 @@ Layout under RUN_DIR/checkpoints/:
     latest                  text file naming the newest complete checkpoint
 
 A save is written into `<name>.partial` by every rank, then the main process writes
-position.json and renames the folder; `latest` is replaced with os.replace. A crash or kill -9
-at any point leaves the previous checkpoint and `latest` intact. The checkpoint folders are
+position.json and, last, checksums.json (the sha256 of every file) and renames the folder;
+`latest` is replaced with os.replace. A crash or kill -9 at any point leaves the previous
+checkpoint and `latest` intact. A checkpoint is trusted only when every file matches its
+checksum: `resume=PATH` refuses a damaged one naming the file; `resume=latest` falls back to
+the newest intact checkpoint with a warning naming the damaged one. Retention deletes older
+checkpoints only after the new one has been read back and verified. The checkpoint folders are
 our own run's files, so accelerate's state files (which pickle RNG states) may be used here;
 nothing shared with others is loaded from them (see export.py).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +32,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names the file."""
 
 LATEST_FILE = "latest"
+CHECKSUM_FILE = "checksums.json"
+CHECKSUM_FORMAT = "rehamot-checkpoint-checksums/1"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -57,19 +65,83 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
+
+
+def write_checksums(folder: Path) -> None:
+    files = {str(p.relative_to(folder)): sha256_file(p) for p in _checkpoint_files(folder)}
+    _write_atomic(folder / CHECKSUM_FILE, json.dumps({"format": CHECKSUM_FORMAT, "files": files}, indent=1))
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise CheckpointError naming the first file that is missing, extra or altered."""
+    listing = folder / CHECKSUM_FILE
+    try:
+        recorded = json.loads(listing.read_text(encoding="utf-8"))
+        files = recorded["files"] if recorded.get("format") == CHECKSUM_FORMAT else None
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"{listing}: missing or unreadable ({type(err).__name__}); "
+                              "this checkpoint cannot be verified") from None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{listing}: not a {CHECKSUM_FORMAT} listing; this checkpoint cannot be verified")
+    present = {str(p.relative_to(folder)) for p in _checkpoint_files(folder)}
+    for name in sorted(set(files) - present):
+        raise CheckpointError(f"{folder / name}: missing from the checkpoint")
+    for name in sorted(present - set(files)):
+        raise CheckpointError(f"{folder / name}: not part of the checkpoint as saved")
+    for name, digest in sorted(files.items()):
+        if sha256_file(folder / name) != digest:
+            raise CheckpointError(f"{folder / name}: checksum mismatch: the checkpoint is damaged")
+
+
+def _newest_intact(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; a damaged newer one is skipped with a warning."""
+    newest = latest_checkpoint(run_dir)
+    candidates = complete_checkpoints(run_dir)
+    if newest is not None and newest in candidates:  # `latest` first, then the others newest first
+        candidates.remove(newest)
+        candidates.append(newest)
+    damaged = []
+    for candidate in reversed(candidates):
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError as err:
+            damaged.append(str(err))
+            continue
+        if damaged:
+            print(f"WARNING: {'; '.join(damaged)}. Resuming from the newest intact checkpoint, {candidate}, "
+                  "instead.", file=sys.stderr, flush=True)
+        return candidate
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint in {checkpoint_root(run_dir)}: {'; '.join(damaged)}")
+    return None
+
+
 def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
-    """`latest` with no checkpoint starts fresh (a first cluster job); a path must exist."""
+    """The verified checkpoint to resume from. `latest` with no checkpoint starts fresh (a
+    first cluster job) and falls back past damaged ones with a warning; a path must exist and
+    verify (a run dir given as the path means its `latest`)."""
     if not resume:
         return None
     if resume == "latest":
-        return latest_checkpoint(run_dir)
+        return _newest_intact(run_dir)
     path = Path(resume)
-    if (path / POSITION_FILE).is_file():
-        return path
-    inner = latest_checkpoint(path)  # a run dir given instead of a checkpoint
-    if inner is not None:
-        return inner
-    raise CheckpointError(f"resume={resume}: no checkpoint there ({path / POSITION_FILE} missing)")
+    if not (path / POSITION_FILE).is_file():
+        inner = latest_checkpoint(path)  # a run dir given instead of a checkpoint
+        if inner is None:
+            raise CheckpointError(f"resume={resume}: no checkpoint there ({path / POSITION_FILE} missing)")
+        path = inner
+    verify_checkpoint(path)
+    return path
 
 
 def read_position(ckpt: Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -114,8 +186,10 @@ def save_checkpoint(
     barrier()
     if is_main:
         _write_atomic(partial / POSITION_FILE, json.dumps(position, indent=1, sort_keys=True))
+        write_checksums(partial)  # last: a checkpoint without it is incomplete
         os.replace(partial, final)
         _write_atomic(root / LATEST_FILE, final.name + "\n")
+        verify_checkpoint(final)  # read back before anything older is deleted
         for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

@@ -53,12 +53,20 @@ def test_resume_from_a_path_without_a_checkpoint(demo_shards, tmp_path):
     assert_refused(out, "no checkpoint there", str(tmp_path / "nothing"))
 
 
-def test_a_truncated_position_file_names_the_file(demo_shards, tmp_path):
-    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000004"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "position.json").write_text('{"step": 4, "epo')
+def test_a_damaged_checkpoint_is_refused_naming_the_file(demo_shards, tmp_path):
+    from rehamot import checkpoint as ckpt
+
+    def save_state(path: str) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_bytes(b"weights")
+
+    checkpoint = ckpt.save_checkpoint(tmp_path / "run", 4, {"step": 4, "epoch": 0}, save_state, lambda: None, True)
+    position = checkpoint / "position.json"
+    position.write_text(position.read_text()[:12])  # truncated after the save
     out = train([f"data.shards={demo_shards}", f"run.dir={tmp_path / 'run'}", "resume=latest"])
-    assert_refused(out, str(checkpoint / "position.json"), "unreadable")
+    assert_refused(out, "no intact checkpoint", str(position), "checksum mismatch")
+    out = train([f"data.shards={demo_shards}", f"run.dir={tmp_path / 'run'}", f"resume={checkpoint}"])
+    assert_refused(out, str(position), "checksum mismatch")
 
 
 @pytest.mark.skipif(os.access("/sys", os.W_OK) and not READ_ONLY.parent.is_dir(), reason="needs a read-only /sys")

@@ -107,3 +107,40 @@ def test_resume_latest_without_run_dir_finds_the_newest_run_with_a_checkpoint(tm
     assert choose_run_dir(load_config(None, [*overrides, f"run.dir={tmp_path / 'x'}"])) == (tmp_path / "x", None)
     new, why = choose_run_dir(load_config(None, overrides[:2]))  # no resume: always a new folder
     assert new not in (newest,) and why is None
+
+
+def _flip_byte(path, offset=0):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_every_file_is_checksummed_and_a_flipped_byte_is_refused_naming_the_file(tmp_path):
+    saved = _save(tmp_path, 10)
+    listing = json.loads((saved / ckpt.CHECKSUM_FILE).read_text())
+    assert set(listing["files"]) == {"state.txt", "position.json"}
+    ckpt.verify_checkpoint(saved)
+    _flip_byte(saved / "state.txt")
+    with pytest.raises(ckpt.CheckpointError, match=r"state\.txt: checksum mismatch"):
+        ckpt.resolve_resume(str(saved), tmp_path)
+    (saved / "state.txt").unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"state\.txt: missing"):
+        ckpt.verify_checkpoint(saved)
+    (saved / ckpt.CHECKSUM_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="cannot be verified"):
+        ckpt.verify_checkpoint(saved)
+
+
+def test_latest_falls_back_to_the_newest_intact_checkpoint_with_a_warning(tmp_path, capsys):
+    _save(tmp_path, 10, keep=3)
+    older = _save(tmp_path, 20, keep=3)
+    newest = _save(tmp_path, 30, keep=3)
+    _flip_byte(newest / "state.txt")
+    assert ckpt.resolve_resume("latest", tmp_path) == older
+    warning = capsys.readouterr().err
+    assert "WARNING" in warning and str(newest / "state.txt") in warning and str(older) in warning
+    for checkpoint in ckpt.complete_checkpoints(tmp_path):
+        _flip_byte(checkpoint / "position.json", offset=1)
+    with pytest.raises(ckpt.CheckpointError, match="no intact checkpoint"):
+        ckpt.resolve_resume("latest", tmp_path)
+
