@@ -20,10 +20,9 @@ import numpy as np
 
 import rehamot
 from rehamot.data import schema
-from shards.convert import (ConvertOptions, MotionResult, convert_in_worker, convert_motion,
-                            init_worker)
+from shards.convert import ConvertOptions, MotionResult, convert_in_worker, convert_motion, init_worker
 from shards.files import make_dir_like_mkdir
-from shards.plan import MotionTask, ShardingError, SourcePlan, Skip, split_order
+from shards.plan import MotionTask, ShardingError, Skip, SourcePlan, split_order
 from shards.report import progress_bar
 from shards.writer import RunningMoments, SplitWriter
 

@@ -10,11 +10,10 @@ import tarfile
 
 import numpy as np
 import pytest
+from shard_fixtures import REPO_ROOT, SCRIPT, caption_line, clean_corpus, random_motion, read_split, write_layout
 
 from rehamot.data import schema
 from shards.make_shards import main
-from shard_fixtures import (REPO_ROOT, SCRIPT, caption_line, clean_corpus, random_motion,
-                            read_split, write_layout)
 
 
 def tree_bytes(folder) -> dict[str, bytes]:

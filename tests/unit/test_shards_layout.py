@@ -7,11 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
+from shard_fixtures import REAL_SAMPLE, caption_line, clean_corpus, npy_bytes, random_motion, read_split, skips, write_layout
 
 from rehamot.data import schema
 from shards.make_shards import main
-from shard_fixtures import (REAL_SAMPLE, caption_line, clean_corpus, npy_bytes,
-                                       random_motion, read_split, skips, write_layout)
 
 
 def build(root, out, *extra: str, source: str = "humanml3d") -> dict:
