@@ -6,13 +6,14 @@ but its own task, so the output does not depend on how many workers there are.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from rehamot.data import schema
+from shards.npy_header import PickledNpy, load_checked
 from shards.plan import Caption, MotionTask, Skip, caption_ref
-
 
 NPY_MAGIC = b"\x93NUMPY"
 
@@ -54,14 +55,16 @@ def load_motion(task: MotionTask, feature_dim: int) -> tuple[np.ndarray | None, 
         return None, Skip(task.id, reason, f"{task.file}: {detail}", "motion")
 
     try:
-        # np.load takes anything without the .npy magic for a pickle: say what it really is
         with open(task.path, "rb") as f:
+            # np.load takes anything without the .npy magic for a pickle: say what it is
             if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
                 return skip("unreadable_motion", "not an .npy file")
-        array = np.load(task.path, allow_pickle=False)
-    except ValueError as err:
-        if "allow_pickle" in str(err):
-            return skip("pickled_motion", "object array; refusing to unpickle")
+            f.seek(0)
+            # the header is checked against the file size before numpy allocates anything
+            array = load_checked(f, os.fstat(f.fileno()).st_size)
+    except PickledNpy:
+        return skip("pickled_motion", "object array; refusing to unpickle")
+    except ValueError as err:  # NpyHeaderError included: a header that lies about the data
         return skip("unreadable_motion", f"{type(err).__name__}: {err}")
     except (OSError, EOFError) as err:
         return skip("unreadable_motion", f"{type(err).__name__}: {err}")
