@@ -4,25 +4,62 @@
      "captions": ["a person walks", {"text": "then turns", "start": 2.0, "end": 3.5}]}
 
 `motion` is relative to the JSONL file's folder; caption start/end are seconds.
+
+Nothing outside the corpus root (the JSONL file's folder, or `root`) is read: a `motion` that
+resolves outside it (an absolute path, '..', a symlink out) is skipped as `outside_root`.
+`id` and `split` must match the key pattern exactly; an `fps` that is not a number in
+[MIN_FPS, MAX_FPS] (Infinity and NaN included) is skipped as `bad_fps`; a line the JSON parser
+cannot hold (huge numbers, deep nesting) is a `bad_record`.
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from shards.hygiene import hygiene_report
-from shards.plan import (Caption, MotionTask, ShardingError, Skip, SourcePlan, caption_ref,
-                         check_span, finalize_split, is_valid_key)
+from shards.npy_header import NpyHeaderError, check_npy_header
+from shards.plan import (
+    MAX_FPS,
+    MIN_FPS,
+    Caption,
+    MotionTask,
+    ShardingError,
+    Skip,
+    SourcePlan,
+    caption_ref,
+    check_span,
+    finalize_split,
+    inside_root,
+    is_valid_fps,
+    is_valid_key,
+)
 
 REQUIRED = ("id", "motion", "captions", "split", "fps")
 
 
+class JsonConstant:
+    """What `Infinity`, `-Infinity` and `NaN` (not JSON, but Python's parser takes them) parse
+    to: not a number, so every numeric field refuses them by name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite real number (not bool); ints beyond float's range are not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def parse_caption(motion_id: str, index: int, item: Any) -> tuple[Caption | None, Skip | None]:
@@ -41,7 +78,7 @@ def parse_caption(motion_id: str, index: int, item: Any) -> tuple[Caption | None
     start, end = item.get("start", 0.0), item.get("end", 0.0)
     try:
         if not (_number(start) and _number(end)):
-            raise ValueError(f"start/end {start!r}/{end!r} are not numbers")
+            raise ValueError(f"start/end {start!r:.40}/{end!r:.40} are not finite numbers")
         check_span(float(start), float(end))
     except ValueError as err:
         return None, Skip(ref, "bad_caption_span", str(err), "caption")
@@ -52,54 +89,65 @@ def parse_record(number: int, raw: bytes) -> tuple[dict[str, Any] | None, Skip |
     """A validated record, or a motion-level skip keyed `line:<n>` (or the id, if known)."""
     where = f"line:{number}"
     try:
-        record = json.loads(raw.decode("utf-8"))
+        record = json.loads(raw.decode("utf-8"), parse_constant=JsonConstant)
     except UnicodeDecodeError as err:
         return None, Skip(where, "bad_encoding", str(err), "motion")
     except json.JSONDecodeError as err:
         return None, Skip(where, "bad_record", f"not JSON: {err}", "motion")
+    except (ValueError, RecursionError) as err:  # over 4300 digits; nesting deeper than the stack
+        return None, Skip(where, "bad_record", f"JSON this parser cannot hold: "
+                                               f"{type(err).__name__}: {str(err):.80}", "motion")
     if not isinstance(record, dict) or any(k not in record for k in REQUIRED):
         return None, Skip(where, "bad_record", f"needs the keys {', '.join(REQUIRED)}", "motion")
     motion_id = record["id"]
     if not isinstance(motion_id, str) or not is_valid_key(motion_id):
-        return None, Skip(str(motion_id)[:40] or where, "bad_id", f"{where}: id {motion_id!r}",
+        return None, Skip(str(motion_id)[:40] or where, "bad_id", f"{where}: id {motion_id!r:.60}",
                           "motion")
     problems = []
-    if not isinstance(record["motion"], str):
+    if not isinstance(record["motion"], str) or not record["motion"] or "\0" in record["motion"]:
         problems.append("motion is not a path")
     if not isinstance(record["split"], str) or not is_valid_key(record["split"]):
-        problems.append(f"split {record['split']!r} is not a name")
-    if not _number(record["fps"]) or not record["fps"] > 0:
-        problems.append(f"fps {record['fps']!r} is not a positive number")
+        problems.append(f"split {record['split']!r:.40} is not a name")
     if not isinstance(record["captions"], list):
         problems.append("captions is not a list")
     if problems:
         return None, Skip(motion_id, "bad_record", f"{where}: {'; '.join(problems)}", "motion")
+    if not is_valid_fps(record["fps"]):
+        return None, Skip(motion_id, "bad_fps", f"{where}: fps {record['fps']!r:.40} is not a "
+                                                f"number in [{MIN_FPS:g}, {MAX_FPS:g}]", "motion")
     return record, None
 
 
 def infer_feature_dim(paths: list[Path]) -> int:
-    """The most common F among the readable motion headers (ties: the smaller)."""
+    """The most common F among the motion headers that agree with their file's size
+    (ties: the smaller)."""
     dims: Counter[int] = Counter()
     for path in paths:
         try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError):
+            with open(path, "rb") as f:
+                shape, _ = check_npy_header(f, os.fstat(f.fileno()).st_size)
+        except (NpyHeaderError, OSError):
             continue
-        if isinstance(array, np.ndarray) and array.ndim == 2:
-            dims[array.shape[1]] += 1
+        if len(shape) == 2:
+            dims[shape[1]] += 1
     if not dims:
         raise ShardingError("no motion file could be read to learn the feature dimension; "
                             "check the paths in the JSONL or pass --feature-dim")
     return min(dims, key=lambda d: (-dims[d], d))
 
 
-def read_jsonl(path: Path, *, corpus: str | None = None, fps: float | None = None,
-               feature_dim: int | None = None, allow_val_equals_test: bool = False
-               ) -> SourcePlan:
+def read_jsonl(path: Path, *, root: Path | None = None, corpus: str | None = None,
+               fps: float | None = None, feature_dim: int | None = None,
+               allow_val_equals_test: bool = False) -> SourcePlan:
+    """`root`: the folder no motion may resolve outside of (default: the file's folder)."""
     path = Path(path)
     if not path.is_file():
         raise ShardingError(f"corpus file {path} does not exist: pass --file with a JSONL file, "
                             f"one record with the keys {', '.join(REQUIRED)} per line")
+    root = Path(root) if root is not None else path.parent
+    if not root.is_dir():
+        raise ShardingError(f"corpus root {root} is not a folder: pass --root with the folder "
+                            f"that holds every motion file")
     skipped: list[Skip] = []
     named_motions = named_captions = 0
     seen: set[str] = set()
@@ -121,7 +169,17 @@ def read_jsonl(path: Path, *, corpus: str | None = None, fps: float | None = Non
             continue
         seen.add(motion_id)
         named_captions += len(record["captions"])
-        motion_path = path.parent / record["motion"]
+        # checked before the file is even looked at: whether a file outside the root exists
+        # is not the manifest's business either
+        motion_path = inside_root(path.parent / record["motion"], root)
+        if motion_path is None:
+            shown = ("an absolute path" if Path(record["motion"]).is_absolute()
+                     else record["motion"])
+            skipped.append(Skip(motion_id, "outside_root",
+                                f"motion {shown} resolves outside the corpus root (an absolute "
+                                f"path, '..' or a symlink); not read: move it inside the root "
+                                f"or pass --root", "motion"))
+            continue
         if not motion_path.is_file():
             skipped.append(Skip(motion_id, "missing_motion", f"no file {record['motion']}",
                                 "motion"))

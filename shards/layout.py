@@ -5,9 +5,14 @@
     ROOT/Mean.npy, ROOT/Std.npy    (F,) corpus statistics (optional)
     SPLIT_DIR/{train,val,test}.txt one entry per line: `id` (all captions of the motion) or
                                    `id:i,j,k` (only those caption lines, 0-based)
+
+Nothing outside ROOT is read (SPLIT_DIR: outside SPLIT_DIR): every path is resolved, symlinks
+and all, and one that lands outside is skipped as `outside_root` (motion-level for a motion
+or caption file, file-level for a split list or Mean/Std).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +20,19 @@ import numpy as np
 
 from rehamot.data.schema import SPLITS
 from shards.hygiene import hygiene_report
-from shards.plan import (Caption, MotionTask, ShardingError, Skip, SourcePlan, caption_ref,
-                         finalize_split, is_valid_key, parse_span)
+from shards.npy_header import NpyHeaderError, load_checked
+from shards.plan import (
+    Caption,
+    MotionTask,
+    ShardingError,
+    Skip,
+    SourcePlan,
+    caption_ref,
+    finalize_split,
+    inside_root,
+    is_valid_key,
+    parse_span,
+)
 
 MOTION_DIR = "new_joint_vecs"
 TEXT_DIR = "texts"
@@ -51,14 +67,28 @@ def parse_split_file(path: Path) -> list[SplitEntry]:
     return entries
 
 
-def read_split_files(split_dir: Path) -> dict[str, list[SplitEntry]]:
+def read_split_files(split_dir: Path, skipped: list[Skip]) -> dict[str, list[SplitEntry]]:
+    """The split lists in `split_dir`; one that resolves outside it is not read (recorded in
+    `skipped`)."""
     if not split_dir.is_dir():
         raise ShardingError(f"split folder {split_dir} does not exist")
-    found = {s: parse_split_file(split_dir / f"{s}.txt") for s in SPLITS
-             if (split_dir / f"{s}.txt").is_file()}
+    found, outside = {}, []
+    for split in SPLITS:
+        path = split_dir / f"{split}.txt"
+        if not path.is_file():
+            continue
+        resolved = inside_root(path, split_dir)
+        if resolved is None:
+            outside.append(Skip(path.name, "outside_root",
+                                f"{path.name} resolves outside its folder; not read", "file"))
+            continue
+        found[split] = parse_split_file(resolved)
+    skipped.extend(outside)
     if not found:
+        also = (f" ({', '.join(s.id for s in outside)} resolve outside it and were not read)"
+                if outside else "")
         raise ShardingError(
-            f"no split files in {split_dir}: write train.txt, val.txt and test.txt there "
+            f"no split files in {split_dir}{also}: write train.txt, val.txt and test.txt there "
             f"(one motion id per line, or `id:i,j,k` caption indices), or pass --split-dir")
     return found
 
@@ -98,7 +128,8 @@ def select_captions(motion_id: str, lines: list[CaptionLine], indices: tuple[str
         return lines, []
     chosen, bad, used = [], [], set()
     for token in indices:
-        index = int(token) if token.isdigit() else -1
+        # isdigit() alone accepts '²', which int() refuses
+        index = int(token) if token.isascii() and token.isdigit() else -1
         if index in used:
             bad.append(Skip(f"{motion_id}:{token}", "duplicate_id",
                             "caption index named twice", "caption"))
@@ -111,15 +142,26 @@ def select_captions(motion_id: str, lines: list[CaptionLine], indices: tuple[str
     return chosen, bad
 
 
-def load_mean_std(root: Path, feature_dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+def load_mean_std(root: Path, feature_dim: int, skipped: list[Skip]
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The corpus's Mean/Std; None (computed later) when either is absent or resolves
+    outside the root (that one is recorded in `skipped`)."""
     mean_path, std_path = root / "Mean.npy", root / "Std.npy"
     if not (mean_path.is_file() and std_path.is_file()):
         return None
+    resolved = [inside_root(path, root) for path in (mean_path, std_path)]
+    outside = [Skip(path.name, "outside_root", f"{path.name} resolves outside the corpus "
+                    f"root; not read, Mean/Std are computed instead", "file")
+               for path, inside in zip((mean_path, std_path), resolved) if inside is None]
+    if outside:
+        skipped.extend(outside)
+        return None
     stats = []
-    for path in (mean_path, std_path):
+    for path, inside in zip((mean_path, std_path), resolved):
         try:
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
+            with open(inside, "rb") as f:
+                array = load_checked(f, os.fstat(f.fileno()).st_size)
+        except (NpyHeaderError, ValueError, OSError, EOFError) as err:
             raise ShardingError(f"cannot read {path} ({err}); fix or remove it") from err
         if array.shape != (feature_dim,):
             raise ShardingError(f"{path} has shape {array.shape}, expected ({feature_dim},); "
@@ -138,7 +180,8 @@ def read_layout(root: Path, *, corpus: str, feature_dim: int, fps: float,
     for sub in (MOTION_DIR, TEXT_DIR):
         if not (root / sub).is_dir():
             raise ShardingError(f"{root} has no {sub}/ folder: is --root the corpus folder?")
-    entries_by_split = read_split_files(Path(split_dir) if split_dir else root)
+    skipped: list[Skip] = []
+    entries_by_split = read_split_files(Path(split_dir) if split_dir else root, skipped)
     val, test = set(entries_by_split.get("val", [])), set(entries_by_split.get("test", []))
     val_equals_test = bool(val) and val == test
     if val_equals_test and not allow_val_equals_test:
@@ -147,7 +190,7 @@ def read_layout(root: Path, *, corpus: str, feature_dim: int, fps: float,
                             "pass --allow-val-equals-test to shard it anyway")
 
     plan = SourcePlan(corpus=corpus, feature_dim=feature_dim, fps=fps, tasks={},
-                      mean_std=load_mean_std(root, feature_dim))
+                      skipped=skipped, mean_std=load_mean_std(root, feature_dim, skipped))
     caption_cache: dict[str, list[CaptionLine]] = {}
     captions_by_split: dict[str, list[str]] = {}
     for split, entries in entries_by_split.items():
@@ -183,24 +226,31 @@ def _entry_task(root: Path, split: str, entry: SplitEntry, seen: set[str],
         skip("duplicate_id", f"named again in {split}.txt")
         return None
     seen.add(motion_id)
-    text_path = root / TEXT_DIR / f"{motion_id}.txt"
+    text_name, motion_name = f"{TEXT_DIR}/{motion_id}.txt", f"{MOTION_DIR}/{motion_id}.npy"
+    # resolved (symlinks, '..') before anything is read; None when outside the root
+    text_inside = inside_root(root / text_name, root)
+    motion_inside = inside_root(root / motion_name, root)
     lines = caption_cache.get(motion_id)
-    if lines is None and text_path.is_file():
-        lines = caption_cache[motion_id] = read_caption_file(motion_id, text_path)
+    if lines is None and text_inside is not None and text_inside.is_file():
+        lines = caption_cache[motion_id] = read_caption_file(motion_id, text_inside)
     chosen, bad_indices = select_captions(motion_id, lines or [], entry.indices)
     named = len(chosen) + len(bad_indices) if lines is not None or entry.indices else 0
     plan.named_captions += named
-    motion_path = root / MOTION_DIR / f"{motion_id}.npy"
+    outside = ("resolves outside the corpus root (a symlink or '..'); not read: copy the "
+               "file into the root")
     if mirrors == "exclude" and motion_id.startswith("M"):
         skip("mirror_excluded", f"in {split}.txt")
-    elif not motion_path.is_file():
-        skip("missing_motion", f"{split}.txt names it; no {MOTION_DIR}/{motion_id}.npy")
+    elif motion_inside is None:
+        skip("outside_root", f"{motion_name} {outside}")
+    elif not motion_inside.is_file():
+        skip("missing_motion", f"{split}.txt names it; no {motion_name}")
+    elif text_inside is None:
+        skip("outside_root", f"{text_name} {outside}")
     elif lines is None:
-        skip("missing_caption_file", f"no {TEXT_DIR}/{motion_id}.txt")
+        skip("missing_caption_file", f"no {text_name}")
     else:
         plan.skipped.extend(bad_indices)
         plan.skipped.extend(c.skip for c in chosen if c.skip is not None)
         captions = [c.caption for c in chosen if c.caption is not None]
-        return MotionTask(motion_id, split, motion_path, f"{MOTION_DIR}/{motion_id}.npy", fps,
-                          captions, named)
+        return MotionTask(motion_id, split, motion_inside, motion_name, fps, captions, named)
     return None

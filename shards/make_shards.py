@@ -3,6 +3,7 @@
     python shards/make_shards.py humanml3d --root HumanML3D --out data/humanml3d --workers 8
     python shards/make_shards.py kitml --root KIT-ML --out data/kitml
     python shards/make_shards.py manifest --file corpus.jsonl --out data/mine [--fps 20]
+                                          [--root DIR]
     python shards/make_shards.py demo --motions 2000 --out data/demo
     python shards/make_shards.py verify data/demo
     python shards/make_shards.py summary data/demo
@@ -11,6 +12,10 @@ Output: DIR/<split>-%06d.tar (one sample per motion, sorted by id; a caption wit
 becomes its own sample `<id>_<caption line>`, cut from its parent motion) and
 DIR/manifest.json (counts, sha256 per shard, Mean/Std, what was skipped and why, split
 hygiene). The same input gives byte-identical shards whatever --workers is.
+
+Shards are meant to be handed to others, so nothing outside the corpus root is read: every
+motion, caption, split and Mean/Std path is resolved (symlinks, '..', absolute paths) and one
+that lands outside the root is skipped as `outside_root` and listed in the manifest.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
 from rehamot.data import schema  # noqa: E402
-from shards.plan import ShardingError, SourcePlan  # noqa: E402
+from shards.plan import MAX_FPS, MIN_FPS, ShardingError, SourcePlan, is_valid_fps  # noqa: E402
 from shards.report import print_summary  # noqa: E402
 
 if TYPE_CHECKING:
@@ -93,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("manifest", help="a JSONL corpus of your own")
     sub.add_argument("--file", type=Path, required=True,
                      help='JSONL, one {"id", "motion", "captions", "split", "fps"} per line')
+    sub.add_argument("--root", type=Path, default=None,
+                     help="the folder every motion must resolve inside (default: the JSONL "
+                          "file's folder); `motion` paths stay relative to the file's folder, "
+                          "and one outside the root is skipped as outside_root")
     sub.add_argument("--fps", type=float, default=None,
                      help="resample every motion to this rate (required for mixed rates)")
     sub.add_argument("--feature-dim", type=int, default=None,
@@ -119,6 +128,9 @@ def _options(args: argparse.Namespace) -> BuildOptions:
     if args.workers < 1 or args.shard_mb <= 0 or args.min_frames < 1 or args.max_frames < 0:
         raise ShardingError("--workers and --min-frames must be >= 1, --shard-mb > 0, "
                             "--max-frames >= 0")
+    fps = getattr(args, "fps", None)
+    if fps is not None and not is_valid_fps(fps):
+        raise ShardingError(f"--fps {fps:g} is not a frame rate in [{MIN_FPS:g}, {MAX_FPS:g}]")
     return BuildOptions(workers=args.workers, shard_mb=args.shard_mb, min_frames=args.min_frames,
                         max_frames=args.max_frames, dtype=args.dtype)
 
@@ -147,10 +159,11 @@ def _build(args: argparse.Namespace, console: Console) -> int:
         elif args.command == "manifest":
             from shards.jsonl_source import read_jsonl  # noqa: PLC0415
 
-            plan = read_jsonl(args.file, corpus=args.corpus, fps=args.fps,
+            plan = read_jsonl(args.file, root=args.root, corpus=args.corpus, fps=args.fps,
                               feature_dim=args.feature_dim,
                               allow_val_equals_test=args.allow_val_equals_test)
             converter = _converter("manifest", args, file=str(args.file.resolve()),
+                                   root=str(args.root.resolve()) if args.root else None,
                                    fps=args.fps, feature_dim=plan.feature_dim)
         else:
             plan = read_layout(args.root, corpus=args.command, feature_dim=args.feature_dim,

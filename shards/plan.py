@@ -12,10 +12,27 @@ from typing import Any
 
 import numpy as np
 
-from rehamot.data.schema import SKIP_REASONS, SPLITS
+from rehamot.data import schema
+from rehamot.data.schema import SPLITS
 
 # WebDataset splits member names at the first dot, and keys become file names inside tars.
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+# Matched with fullmatch: `$` would also match before a trailing newline.
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+
+# The reasons of the shard contract, plus those only this converter gives (a skipped source
+# file never reaches a reader, so readers need not know them).
+SKIP_REASONS = {
+    **schema.SKIP_REASONS,
+    "outside_root": "the path resolves outside the corpus root (a symlink, '..' or an "
+                    "absolute path); it is not read",
+    "bad_fps": "the record's fps is not a finite number within the accepted range",
+}
+# "file": a corpus file that is neither a motion nor a caption (a split list, Mean/Std).
+SKIP_LEVELS = ("motion", "caption", "file")
+
+# Frame rates outside this range are input errors: resampling to or from them would make a
+# motion thousands of times longer or collapse it to a single frame.
+MIN_FPS, MAX_FPS = 1.0, 1000.0
 
 
 class ShardingError(Exception):
@@ -23,7 +40,29 @@ class ShardingError(Exception):
 
 
 def is_valid_key(text: str) -> bool:
-    return bool(KEY_PATTERN.match(text)) and len(text) <= 80
+    return bool(KEY_PATTERN.fullmatch(text)) and len(text) <= 80
+
+
+def is_valid_fps(value: object) -> bool:
+    """A real number (not bool) in [MIN_FPS, MAX_FPS]; ints too large for a float are refused
+    without converting them."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return MIN_FPS <= value <= MAX_FPS  # False for NaN
+
+
+def inside_root(path: Path, root: Path) -> Path | None:
+    """`path` with every symlink and '..' resolved, if that lies inside `root` (resolved too);
+    None if it lies outside or cannot be resolved (a symlink loop, a NUL byte).
+
+    Shards are handed to others: a link from the corpus to any other file would copy that
+    file into them.
+    """
+    try:
+        resolved = Path(path).resolve()
+        return resolved if resolved.is_relative_to(Path(root).resolve()) else None
+    except (OSError, RuntimeError, ValueError):
+        return None
 
 
 def caption_ref(motion_id: str, line: int) -> str:
@@ -42,12 +81,12 @@ class Skip:
     id: str
     reason: str
     detail: str
-    level: str  # "motion" or "caption"
+    level: str  # one of SKIP_LEVELS
 
     def __post_init__(self) -> None:
         if self.reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {self.reason!r}")
-        if self.level not in ("motion", "caption"):
+        if self.level not in SKIP_LEVELS:
             raise ValueError(f"unknown skip level {self.level!r}")
 
     def as_json(self) -> dict[str, str]:

@@ -1,4 +1,9 @@
-"""Re-read a shard set and check it against its manifest; returns the problems found."""
+"""Re-read a shard set and check it against its manifest; returns the problems found.
+
+Every malformed sample is a problem naming the shard and the key, never an exception: motion
+headers are checked against the member's size before anything is allocated, object dtypes
+(pickles) are refused, and JSON that is not an object is reported.
+"""
 from __future__ import annotations
 
 import tarfile
@@ -8,8 +13,9 @@ from typing import Any
 import numpy as np
 
 from rehamot.data import schema
-from shards.plan import is_valid_key
 from shards.files import file_sha256
+from shards.npy_header import decode_checked
+from shards.plan import inside_root, is_valid_key
 
 EXPECTED_MEMBERS = {schema.MOTION_MEMBER, schema.META_MEMBER}
 
@@ -22,8 +28,15 @@ def verify_shards(shard_dir: Path) -> list[str]:
     for split, entry in manifest["splits"].items():
         samples = captions = 0
         for shard in entry["shards"]:
-            listed.add(shard["path"])
-            problems += _verify_shard(shard_dir / shard["path"], shard, split, manifest)
+            plain = _is_plain_name(shard["path"])
+            if plain:
+                listed.add(shard["path"])
+            path = inside_root(shard_dir / shard["path"], shard_dir) if plain else None
+            if path is None:  # a path or a symlink out of DIR: a manifest must not make us read it
+                problems.append(f"{str(shard['path'])!r:.80}: not a file inside the shard "
+                                f"folder; not read")
+                continue
+            problems += _verify_shard(path, shard, split, manifest)
             samples += shard["samples"]
             captions += shard["captions"]
         if (samples, captions) != (entry["motions"], entry["captions"]):
@@ -33,6 +46,12 @@ def verify_shards(shard_dir: Path) -> list[str]:
         if stray not in listed:
             problems.append(f"{stray}: a tar the manifest does not list (mixed shard sets?)")
     return problems
+
+
+def _is_plain_name(name: object) -> bool:
+    """A manifest names shards by bare file name; anything else could point outside DIR."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
+            and "\\" not in name and "\0" not in name)
 
 
 def _verify_shard(path: Path, shard: dict[str, Any], split: str,
@@ -62,8 +81,9 @@ def _verify_shard(path: Path, shard: dict[str, Any], split: str,
         if key <= previous:
             problems.append(f"{where}: keys out of order or repeated")
         previous = key
-        problems += _verify_sample(where, key, members, split, manifest)
-        captions += len(schema.decode_meta(members[schema.META_MEMBER]).get("captions", []))
+        sample_problems, sample_captions = _verify_sample(where, key, members, split, manifest)
+        problems += sample_problems
+        captions += sample_captions
     if len(samples) != shard["samples"]:
         problems.append(f"{name}: {len(samples)} samples, the manifest says {shard['samples']}")
     if captions != shard["captions"]:
@@ -86,12 +106,20 @@ def _read_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
 
 
 def _verify_sample(where: str, key: str, members: dict[str, bytes], split: str,
-                   manifest: dict[str, Any]) -> list[str]:
+                   manifest: dict[str, Any]) -> tuple[list[str], int]:
+    """The sample's problems and its caption count (0 when its JSON is unusable)."""
     try:
-        motion = schema.decode_motion(members[schema.MOTION_MEMBER])
         meta = schema.decode_meta(members[schema.META_MEMBER])
-    except (ValueError, UnicodeDecodeError, EOFError) as err:
-        return [f"{where}: cannot decode ({type(err).__name__}: {err})"]
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        return [f"{where}: cannot decode its json ({type(err).__name__}: {err})"], 0
+    if not isinstance(meta, dict):
+        return [f"{where}: its json is a {type(meta).__name__}, not an object"], 0
+    captions = meta.get("captions")
+    count = len(captions) if isinstance(captions, list) else 0
+    try:
+        motion = decode_checked(members[schema.MOTION_MEMBER])
+    except (ValueError, EOFError) as err:  # NpyHeaderError / PickledNpy included
+        return [f"{where}: cannot decode motion.npy ({type(err).__name__}: {err})"], count
     problems = []
     if motion.ndim != 2 or motion.shape[0] == 0 or motion.shape[1] != manifest["feature_dim"]:
         problems.append(f"{where}: motion shape {motion.shape}, expected "
@@ -103,6 +131,6 @@ def _verify_sample(where: str, key: str, members: dict[str, bytes], split: str,
     if meta.get("frames") != motion.shape[0]:
         problems.append(f"{where}: json says {meta.get('frames')} frames, motion has "
                         f"{motion.shape[0]}")
-    if not meta.get("captions"):
+    if not captions or not isinstance(captions, list):
         problems.append(f"{where}: no captions")
-    return problems
+    return problems, count

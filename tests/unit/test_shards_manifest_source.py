@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 import pytest
+from shard_fixtures import random_motion, read_split, skips
 
 from rehamot.data import schema
 from shards.make_shards import main
-from shard_fixtures import random_motion, read_split, skips
 
 
 def write_jsonl(folder, records: list) -> str:
@@ -112,7 +112,7 @@ def test_bad_records_are_skipped_and_accounted(tmp_path):
         ("line:2", "motion"): "bad_record", ("line:3", "motion"): "bad_encoding",
         ("line:4", "motion"): "bad_record", ("bad.id", "motion"): "bad_id",
         ("good", "motion"): "duplicate_id", ("lost", "motion"): "missing_motion",
-        ("nocaps", "motion"): "no_captions", ("neg", "motion"): "bad_record",
+        ("nocaps", "motion"): "no_captions", ("neg", "motion"): "bad_fps",
         ("wide", "motion"): "bad_feature_dim",
     }
     assert manifest["feature_dim"] == 6  # the most common width wins
