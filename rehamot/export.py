@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rehamot.config import Config, load_config, to_yaml
-from rehamot.models import TwoTower
 from rehamot.model_factory import build_model
+from rehamot.models import TwoTower
 
 BUNDLE_FILE = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -83,6 +83,16 @@ def load_bundle(bundle_dir: str | Path, device: str | torch.device = "cpu") -> t
 
 def bundle_mean_std(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(info["mean"], np.float32), np.asarray(info["std"], np.float32)
+
+
+def bundle_identity(bundle_dir: str | Path, info: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a bundle's towers: its step, the text model's fingerprint and the sha256
+    of its weights file (content only, so a copied bundle keeps its identity). Results computed
+    with a bundle (a search index, generation scores, FID statistics) record it."""
+    from rehamot.models.text_encoder import sha256_file
+
+    return {"step": info.get("step"), "text_model": info.get("text_model"),
+            "weights_sha256": sha256_file(Path(bundle_dir) / WEIGHTS_FILE)}
 
 
 def find_bundle(run_dir: str | Path) -> Path:
