@@ -21,7 +21,7 @@ from rehamot import text_cache as feature_cache
 from rehamot.config import Config
 from rehamot.data import EvalSet, TrainStream, data_config
 from rehamot.evaluation import encode_split, evaluate_encoded, evaluate_model, print_results, write_eval_figures
-from rehamot.export import export_bundle, find_bundle, load_bundle
+from rehamot.export import WEIGHTS_FILE, export_bundle, find_bundle, load_bundle
 from rehamot.grad_cache import DEEPSPEED_REFUSAL, backward_through_cache, embed_without_grad
 from rehamot.lr_schedule import gated, lr_multiplier
 from rehamot.model_factory import build_model, build_tokenizer, text_config
@@ -296,7 +296,10 @@ class Trainer:
         }
 
     def finish(self) -> None:
-        """Test-split evaluation of the best bundle, plots, the DONE marker."""
+        """Test-split evaluation of the best bundle, FID statistics and a model card in each
+        bundle, plots, the DONE marker."""
+        from rehamot.generation_evaluator import save_run_fid_stats
+        from rehamot.model_card import write_model_card
         from rehamot.plots import plot_similarity, plot_training_curves
 
         cfg, acc = self.cfg, self.acc
@@ -306,10 +309,18 @@ class Trainer:
         eval_set = EvalSet(data_config(cfg, cfg.data.test_split), self.tokenizer, self.rank, self.world)
         enc = encode_split(model, eval_set, acc.device, cfg.train.eval_batch_size)
         results = evaluate_encoded(enc, ("captions",))
+        del model
+        # FID's reference for scoring generated motions, in best/ and final/ (a collective)
+        save_run_fid_stats(self.run_dir, bundle, enc["motion_emb"], eval_set, acc.device,
+                           cfg.train.eval_batch_size, write=acc.is_main_process)
         if acc.is_main_process:
             write_eval_figures(self.run_dir, enc, results, cfg.data.test_split)
-            payload = {"split": cfg.data.test_split, "bundle": bundle.name, "step": info.get("step"), "protocols": results}
+            payload = {"split": cfg.data.test_split, "bundle": bundle.name, "step": info.get("step"),
+                       "motions": eval_set.num_motions, "captions": eval_set.num_captions, "protocols": results}
             (self.run_dir / f"eval-{cfg.data.test_split}.json").write_text(json.dumps(payload, indent=1))
+            for name in ("best", "final"):
+                if (self.run_dir / name / WEIGHTS_FILE).is_file():
+                    write_model_card(self.run_dir / name, self.manifest, self.run_dir)
             plot_training_curves(self.run_dir / "metrics.jsonl", self.run_dir / "training_curves.png")
             if self.last_embeddings is not None:
                 m, t = self.last_embeddings
