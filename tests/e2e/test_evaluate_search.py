@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY_RUN, run_cli
 
 pytestmark = pytest.mark.slow
@@ -242,3 +242,107 @@ def test_search_errors_are_one_line(indexed, run_dir, tmp_path):
         assert out.returncode == 2, args
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(message), out.stderr
+
+
+# --------------------------------------------------------------------------- motions as queries
+
+
+def shard_features(shards: Path, motion_id: str) -> np.ndarray:
+    """The raw features of one test motion as sharded (what a user's motion file holds)."""
+    from rehamot.data import schema
+    from rehamot.data.reading import decode_motion_member, member_url, read_manifest, read_members, split_shards
+
+    manifest = read_manifest(str(shards))
+    for record in split_shards(manifest, "test"):
+        url = member_url(str(shards), record["path"])
+        for raw in read_members(url, frozenset({schema.MOTION_MEMBER}), want_key=motion_id.__eq__):
+            return decode_motion_member(raw[schema.MOTION_MEMBER], int(manifest["feature_dim"]))
+    raise AssertionError(f"{motion_id} is not in the test split")
+
+
+def test_the_index_stores_every_motions_full_joints(indexed, demo_shards):
+    from rehamot.kinematics import features_to_joints
+
+    meta = json.loads((indexed / "index.json").read_text())
+    assert meta["format"] == "rehamot-index/2" and meta["layout"] == "humanml3d" and meta["fps"] == 20.0
+    joints = np.load(indexed / "joints.npy", mmap_mode="r")
+    offsets = np.cumsum([0] + [m["frames"] for m in meta["motions"]])
+    assert joints.dtype == np.float32 and joints.shape == (offsets[-1], 22, 3)
+    for i in (0, 13, 30):
+        features = shard_features(demo_shards, meta["motions"][i]["id"])
+        np.testing.assert_allclose(joints[offsets[i]:offsets[i + 1]], features_to_joints(features), atol=1e-5)
+
+
+def test_a_motion_file_is_encoded_as_the_index_encodes_its_motions(indexed, run_dir, demo_shards):
+    """Bundle Mean/Std and the evaluation crop: a motion's file gives the index's embedding."""
+    from rehamot.search_index import SearchIndex
+
+    index = SearchIndex.load(run_dir)
+    for i in (0, 7, 30):
+        features = shard_features(demo_shards, index.motion_ids[i])
+        np.testing.assert_allclose(index.encode_motion(features), index.motion_emb[i], atol=1e-5)
+    # only the first max_len (196) frames count
+    longer = np.concatenate([features] * 3)[:250]
+    np.testing.assert_allclose(index.encode_motion(longer), index.encode_motion(longer[:196]), atol=1e-6)
+    assert index.query_motion_features(features, k=1).motions[0].motion_id == index.motion_ids[30]
+
+
+def test_query_by_motion_file_and_by_id_as_json(indexed, run_dir, demo_shards, tmp_path):
+    meta = json.loads((indexed / "index.json").read_text())
+    motion_id = meta["motions"][7]["id"]
+    features = shard_features(demo_shards, motion_id)
+    path = tmp_path / "mine.npy"
+    np.save(path, features)
+    by_file = json.loads(py("rehamot/search.py", "query", str(run_dir), "--motion-file", str(path), "--top-k", "4",
+                            "--json").stdout)
+    by_id = json.loads(py("rehamot/search.py", "query", str(run_dir), "--motion", motion_id, "--top-k", "3",
+                          "--json").stdout)
+    assert by_file["query"] == {"motion_file": str(path), "frames": len(features)}
+    assert by_id["query"] == {"motion_id": motion_id}
+    # the file finds its own motion first; after it, the id query's "more like this" (itself left out)
+    assert by_file["motions"][0]["motion_id"] == motion_id and by_file["motions"][0]["score"] == pytest.approx(1, abs=1e-5)
+    assert [h["motion_id"] for h in by_file["motions"][1:]] == [h["motion_id"] for h in by_id["motions"]]
+    assert [h["caption_id"] for h in by_file["captions"][:3]] == [h["caption_id"] for h in by_id["captions"]]
+    assert [h["rank"] for h in by_id["motions"]] == [1, 2, 3]
+    assert set(by_id["motions"][0]) == {"rank", "motion_id", "score", "captions"}
+    assert set(by_id["captions"][0]) == {"rank", "caption_id", "motion_id", "text", "score"}
+
+    out = py("rehamot/search.py", "query", str(run_dir), "--motion-file", str(path), "--top-k", "2")
+    assert "motion → text" in out.stdout and "more like" in out.stdout and motion_id in out.stdout
+
+
+def test_bad_motion_files_are_one_line_errors(indexed, run_dir, tmp_path):
+    nan = np.zeros((20, 263), np.float32)
+    nan[3, 5] = np.nan
+    cases = {"flat.npy": (np.zeros(263, np.float32), "features of shape (263,), this model reads (frames, 263)"),
+             "kit.npy": (np.zeros((20, 251), np.float32), "features of shape (20, 251), this model reads (frames, 263)"),
+             "nan.npy": (nan, "NaN or infinite"),
+             "empty.npy": (np.zeros((0, 263), np.float32), "no frames"),
+             "text.npy": (None, "not a .npy file"),
+             "missing.npy": (None, "not a readable .npy file")}
+    for name, (array, message) in cases.items():
+        path = tmp_path / name
+        if array is not None:
+            np.save(path, array)
+        elif name == "text.npy":
+            path.write_text("not numbers")
+        out = py("rehamot/search.py", "query", str(run_dir), "--motion-file", str(path), check=False)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, (name, out.stderr)
+        assert lines[0].startswith(f"search: {path}: ") and message in lines[0], (name, lines)
+    out = py("rehamot/search.py", "query", str(run_dir), "a jump", "--motion-file", str(tmp_path / "nan.npy"), check=False)
+    assert out.returncode == 2 and out.stderr.strip() == "search: give one query: a text, --motion ID or --motion-file MOTION.npy"
+
+
+def test_an_old_index_is_refused_with_how_to_rebuild_it(indexed, tmp_path):
+    from rehamot.search_index import SearchError, SearchIndex
+
+    old = tmp_path / "run"
+    shutil.copytree(indexed, old / "index")
+    meta = json.loads((old / "index" / "index.json").read_text())
+    (old / "index" / "index.json").write_text(json.dumps({**meta, "format": "rehamot-index/1"}))
+    with pytest.raises(SearchError, match=r"index format 'rehamot-index/1', this rehamot reads rehamot-index/2: "
+                                          r"rebuild it with `rehamot-search index .*run`"):
+        SearchIndex.load(old)
+    out = py("rehamot/search.py", "query", str(old), "a jump", check=False)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "rebuild it" in out.stderr
