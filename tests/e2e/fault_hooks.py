@@ -20,3 +20,11 @@ def nan_loss_at_step(trainer) -> None:
         return out
 
     trainer.objective = faulty
+
+
+def nan_parameter(trainer) -> None:
+    """One motion-tower weight is NaN from the start (as a damaged checkpoint would leave it)."""
+    import torch
+
+    with torch.no_grad():
+        next(trainer.acc.unwrap_model(trainer.model).motion.parameters()).view(-1)[0] = float("nan")
