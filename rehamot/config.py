@@ -203,6 +203,10 @@ class TrainSection(Section):
                             choices=NONFINITE_ACTIONS)
     collective_timeout_s: int = option(300, "a dead rank makes the others fail after this many seconds", check=AT_LEAST_1)
     eval_batch_size: int = option(128, "batch size of validation and evaluation encoding", check=AT_LEAST_1)
+    # 0: the cores this process may use (affinity, SLURM_CPUS_PER_TASK, shared by the node's
+    # processes) minus its loader workers; OMP_NUM_THREADS, when set, wins over auto
+    threads: int = option(0, "intra-op CPU threads per process; 0: auto (usable cores minus loader workers)",
+                          check=NON_NEGATIVE)
 
     def check(self) -> None:
         if self.batch_size % self.micro_batches:
