@@ -84,11 +84,41 @@ def test_training_saves_fid_statistics_and_a_model_card(run_dir, split):
                      "| text→motion |", 'load_bundle("', "rehamot-eval-generation", "Evaluator.load",
                      "fid_stats-test.safetensors"):
             assert part in card, (name, part)
-    # the statistics are those of the evaluator's own embeddings of the real motions
-    evaluator = Evaluator.load(run_dir / "final", device="cpu")
-    own = FidStats.of(evaluator.embed_motions([split["motions"][i] for i in split["ids"]]))
-    np.testing.assert_allclose(evaluator.fid_stats("test").mu, own.mu, atol=1e-6)
-    np.testing.assert_allclose(evaluator.fid_stats("test").sigma, own.sigma, atol=1e-6)
+    # each bundle's statistics are its own embeddings of the real motions (final/ re-encoded
+    # the split when its weights differ from the evaluated best/)
+    for name in ("best", "final"):
+        evaluator = Evaluator.load(run_dir / name, device="cpu")
+        own = FidStats.of(evaluator.embed_motions([split["motions"][i] for i in split["ids"]]))
+        np.testing.assert_allclose(evaluator.fid_stats("test").mu, own.mu, atol=1e-6)
+        np.testing.assert_allclose(evaluator.fid_stats("test").sigma, own.sigma, atol=1e-6)
+
+
+def test_a_final_bundle_with_other_weights_gets_its_own_statistics(run_dir, split, demo_shards, tmp_path):
+    """save_run_fid_stats re-encodes the split for a bundle whose weights differ from the
+    evaluated one (here final/ with perturbed motion-tower weights)."""
+    from safetensors.numpy import load_file, save_file
+
+    from rehamot.data import EvalSet
+    from rehamot.data.pipeline import DataConfig
+    from rehamot.generation_evaluator import Evaluator, FidStats, save_run_fid_stats
+
+    run = tmp_path / "run"
+    for name in ("best", "final"):
+        shutil.copytree(run_dir / name, run / name)
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    for key in [k for k in weights if k.startswith("motion.")][:4]:
+        weights[key] = weights[key] + 0.5 * rng.normal(size=weights[key].shape).astype(np.float32)
+    save_file(weights, str(run / "final" / "model.safetensors"))
+    motions = [split["motions"][i] for i in split["ids"]]
+    best_emb = Evaluator.load(run / "best", device="cpu").embed_motions(motions)
+    written = save_run_fid_stats(run, run / "best", best_emb, EvalSet(DataConfig(shards=str(demo_shards), split="test")),
+                                 "cpu", batch_size=64)
+    assert [p.parent.name for p in written] == ["best", "final"]
+    final = Evaluator.load(run / "final", device="cpu")
+    own = FidStats.of(final.embed_motions(motions))
+    np.testing.assert_allclose(final.fid_stats("test").mu, own.mu, atol=1e-6)
+    assert np.abs(final.fid_stats("test").mu - FidStats.of(best_emb).mu).max() > 1e-3
 
 
 def test_real_motions_as_generated_reproduce_the_real_row(real_scores):
