@@ -17,7 +17,6 @@ nothing shared with others is loaded from them (see export.py).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,15 +24,16 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from rehamot import checksums
+
 POSITION_FILE = "position.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(checksums.IntegrityError):
     """A checkpoint that cannot be resumed from; the message names the file."""
 
 LATEST_FILE = "latest"
-CHECKSUM_FILE = "checksums.json"
-CHECKSUM_FORMAT = "rehamot-checkpoint-checksums/1"
+CHECKSUM_FILE = checksums.CHECKSUM_FILE
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -65,42 +65,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _checkpoint_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
-
-
 def write_checksums(folder: Path) -> None:
-    files = {str(p.relative_to(folder)): sha256_file(p) for p in _checkpoint_files(folder)}
-    _write_atomic(folder / CHECKSUM_FILE, json.dumps({"format": CHECKSUM_FORMAT, "files": files}, indent=1))
+    checksums.write_checksums(folder)
 
 
 def verify_checkpoint(folder: Path) -> None:
     """Raise CheckpointError naming the first file that is missing, extra or altered."""
-    listing = folder / CHECKSUM_FILE
-    try:
-        recorded = json.loads(listing.read_text(encoding="utf-8"))
-        files = recorded["files"] if recorded.get("format") == CHECKSUM_FORMAT else None
-    except (OSError, ValueError, KeyError, AttributeError) as err:
-        raise CheckpointError(f"{listing}: missing or unreadable ({type(err).__name__}); "
-                              "this checkpoint cannot be verified") from None
-    if not isinstance(files, dict):
-        raise CheckpointError(f"{listing}: not a {CHECKSUM_FORMAT} listing; this checkpoint cannot be verified")
-    present = {str(p.relative_to(folder)) for p in _checkpoint_files(folder)}
-    for name in sorted(set(files) - present):
-        raise CheckpointError(f"{folder / name}: missing from the checkpoint")
-    for name in sorted(present - set(files)):
-        raise CheckpointError(f"{folder / name}: not part of the checkpoint as saved")
-    for name, digest in sorted(files.items()):
-        if sha256_file(folder / name) != digest:
-            raise CheckpointError(f"{folder / name}: checksum mismatch: the checkpoint is damaged")
+    checksums.verify_checksums(folder, "checkpoint", CheckpointError)
 
 
 def _newest_intact(run_dir: str | Path) -> Path | None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rehamot.checksums import IntegrityError, sha256_file, verify_checksums, write_checksums
 from rehamot.config import Config, load_config, to_yaml
 from rehamot.model_factory import build_model
 from rehamot.models import TwoTower
@@ -55,6 +56,7 @@ def export_bundle(
         **(extra or {}),
     }
     (tmp / BUNDLE_FILE).write_text(json.dumps(info, indent=1))
+    write_checksums(tmp)  # last; rewritten when a model card or FID statistics are added
     if out_dir.exists():
         old = out_dir.with_name(out_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -66,11 +68,17 @@ def export_bundle(
     return out_dir
 
 
+class BundleError(IntegrityError):
+    """A bundle whose files do not match its checksums; the message names the file."""
+
+
 def load_bundle(bundle_dir: str | Path, device: str | torch.device = "cpu") -> tuple[TwoTower, Config, dict[str, Any]]:
-    """Model (eval mode), its config and bundle.json; weights via safetensors only."""
+    """Model (eval mode), its config and bundle.json; weights via safetensors only, after every
+    file of the bundle matched its checksum."""
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{bundle_dir} holds no {WEIGHTS_FILE}: not an exported rehamot bundle")
+    verify_checksums(bundle_dir, "bundle", BundleError)
     cfg = load_config(bundle_dir / CONFIG_FILE)
     info = json.loads((bundle_dir / BUNDLE_FILE).read_text())
     model = build_model(cfg, feature_dim=int(info["feature_dim"]))
@@ -89,8 +97,6 @@ def bundle_identity(bundle_dir: str | Path, info: dict[str, Any]) -> dict[str, A
     """What identifies a bundle's towers: its step, the text model's fingerprint and the sha256
     of its weights file (content only, so a copied bundle keeps its identity). Results computed
     with a bundle (a search index, generation scores, FID statistics) record it."""
-    from rehamot.models.text_encoder import sha256_file
-
     return {"step": info.get("step"), "text_model": info.get("text_model"),
             "weights_sha256": sha256_file(Path(bundle_dir) / WEIGHTS_FILE)}
 

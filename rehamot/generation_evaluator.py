@@ -115,12 +115,15 @@ def save_fid_stats(bundle_dir: str | Path, stats: FidStats, split: str, weights_
 
     from safetensors.numpy import save_file
 
+    from rehamot.checksums import write_checksums
+
     path = Path(bundle_dir) / fid_stats_file(split)
     tmp = path.with_name(path.name + ".tmp")
     save_file({"mu": np.ascontiguousarray(stats.mu, np.float64), "sigma": np.ascontiguousarray(stats.sigma, np.float64)},
               str(tmp), metadata={"format": FID_STATS_FORMAT, "split": split, "num_motions": str(stats.num_motions),
                                   "weights_sha256": weights_sha256})
     os.replace(tmp, path)
+    write_checksums(path.parent)  # the bundle's checksums cover its statistics
     return path
 
 

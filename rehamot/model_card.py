@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rehamot.checksums import write_checksums
 from rehamot.config import Config, load_config
 
 CARD_FILE = "README.md"
@@ -266,4 +267,5 @@ def write_model_card(bundle_dir: str | Path, manifest: Mapping[str, Any] | None 
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(model_card(bundle_dir, manifest, evaluation, meta), encoding="utf-8")
     tmp.replace(out)
+    write_checksums(bundle_dir)  # the bundle's checksums cover its card
     return out

@@ -103,20 +103,6 @@ def layout_for_feature_dim(feature_dim: int) -> str | None:
     return next((name for name, spec in LAYOUTS.items() if spec.feature_dim == int(feature_dim)), None)
 
 
-def _weights_sha256(path: Path) -> str:
-    from rehamot.models.text_encoder import sha256_file  # torch-heavy: only when indexing
-
-    return sha256_file(path)
-
-
-def _bundle_identity(bundle: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """What an index must match to be searched with this bundle's towers."""
-    from rehamot.export import WEIGHTS_FILE
-
-    return {"step": info.get("step"), "text_model": info.get("text_model"),
-            "weights_sha256": _weights_sha256(bundle / WEIGHTS_FILE)}
-
-
 # --------------------------------------------------------------------------- building
 
 
@@ -150,7 +136,7 @@ def build_index(run_dir: str | Path, shards: str | None = None, split: str = "te
     from rehamot.data import EvalSet, data_config
     from rehamot.distributed import init_distributed, local_device
     from rehamot.evaluation import encode_split
-    from rehamot.export import find_bundle, load_bundle
+    from rehamot.export import bundle_identity, find_bundle, load_bundle
     from rehamot.model_factory import build_tokenizer
 
     run_dir = Path(run_dir)
@@ -177,7 +163,7 @@ def build_index(run_dir: str | Path, shards: str | None = None, split: str = "te
                 "feature_dim": int(info["feature_dim"]), "fps": float(info["fps"]), "layout": layout,
                 "corpus": info.get("corpus"),
                 "bundle": os.path.relpath(bundle, run_dir),  # "best", "final", or "." for a bundle folder
-                **_bundle_identity(bundle, info), "motions": motions}
+                **bundle_identity(bundle, info), "motions": motions}
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -274,11 +260,11 @@ class SearchIndex:
                 raise SearchError("this index has no bundle to encode queries with: pass embeddings "
                                   "to search_motions instead")
             from rehamot.data import schema
-            from rehamot.export import load_bundle
+            from rehamot.export import bundle_identity, load_bundle
             from rehamot.model_factory import build_tokenizer
 
             model, cfg, info = load_bundle(self.bundle_dir)
-            identity = _bundle_identity(self.bundle_dir, info)
+            identity = bundle_identity(self.bundle_dir, info)
             for key in ("text_model", "weights_sha256"):
                 if identity[key] != self.meta.get(key):
                     raise SearchError(f"the index was built with another {self.bundle_dir.name} bundle "

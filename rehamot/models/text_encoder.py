@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rehamot.checksums import sha256_file
 from rehamot.models.length_chunks import auto_chunks, run_by_length
 
 CPU_TEXT_LENGTH_CHUNKS = 4  # padded/real tokens 1.83 -> 1.18 on the demo captions at batch 32
@@ -231,14 +232,6 @@ def load_tokenizer(cfg: TextEncoderConfig) -> Any:
             return AutoTokenizer.from_pretrained(model, local_files_only=_offline())
     except OSError as error:
         raise _not_found(model, error) from error
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sha256_files(paths: Sequence[Path]) -> str:

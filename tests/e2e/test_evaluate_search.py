@@ -346,3 +346,26 @@ def test_an_old_index_is_refused_with_how_to_rebuild_it(indexed, tmp_path):
         SearchIndex.load(old)
     out = py("rehamot/search.py", "query", str(old), "a jump", check=False)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "rebuild it" in out.stderr
+
+
+def test_a_damaged_bundle_is_refused_everywhere_naming_the_file(run_dir, indexed, tmp_path):
+    import shutil
+
+    from rehamot.checksums import CHECKSUM_FILE
+    from rehamot.export import BundleError, load_bundle
+
+    bundle = tmp_path / "run" / "best"
+    shutil.copytree(run_dir / "best", bundle)
+    listed = json.loads((bundle / CHECKSUM_FILE).read_text())["files"]
+    assert {"model.safetensors", "config.yaml", "bundle.json", "README.md"} <= set(listed)  # the card too
+    load_bundle(bundle)  # a copy anywhere verifies
+    weights = bundle / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model\.safetensors: checksum mismatch"):
+        load_bundle(bundle)
+    for args in (["rehamot/evaluate.py", str(bundle)], ["rehamot/search.py", "index", str(bundle)]):
+        out = py(*args, check=False)
+        assert out.returncode == 2 and "Traceback" not in out.stderr
+        assert f"{weights}: checksum mismatch" in out.stderr.strip().splitlines()[-1]
