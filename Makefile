@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo shards-demo test test-fast lint clean
+.PHONY: setup demo shards-demo shards-summary test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,10 @@ $(STAMP): pyproject.toml constraints.txt
 $(DEMO)/manifest.json: | $(STAMP)
 	$(PY) shards/make_shards.py demo --motions $(MOTIONS) --out $(DEMO) --workers 1
 
+# Building the shards prints their summary once; `make shards-summary` prints it again.
 shards-demo: $(DEMO)/manifest.json
+
+shards-summary: $(DEMO)/manifest.json
 	$(PY) shards/make_shards.py summary $(DEMO)
 
 # The main job: train on the demo shards (one process, both cores), then print the test table.
