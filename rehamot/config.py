@@ -116,14 +116,16 @@ class DataSection(Section):
 @dataclass
 class ModelSection(Section):
     key: ClassVar[str] = "model"
-    text_model: Optional[str] = option(None, "Hugging Face encoder: hub name or local folder; unset: the embedded all-MiniLM-L6-v2")
+    text_model: Optional[str] = option(None, "Hugging Face encoder: hub name or local folder; "
+                                             "unset: the embedded all-MiniLM-L6-v2")
     pooling: str = option("auto", "LM pooling; auto: mean for sentence-transformers, else [CLS]", choices=POOLINGS)
     text_layers: Optional[int] = option(None, "keep only the first N LM layers (fast tests)", check=AT_LEAST_1)
     text_dropout: Optional[float] = option(None, "LM dropout when fine-tuning; unset: the model's own", check=PROBABILITY)
     finetune_lm: bool = option(False, "train the language model too")
     lm_unfreeze_step: int = option(0, "with finetune_lm: the LM's lr stays 0 until this optimizer step", check=NON_NEGATIVE)
     text_cache: bool = option(True, "frozen LM: compute each training caption's LM features once and cache them")
-    text_cache_dir: Optional[str] = option(None, "text-cache folder; unset: <shards>/text-cache if writable, else <run.root>/text-cache")
+    text_cache_dir: Optional[str] = option(None, "text-cache folder; unset: <shards>/text-cache if writable, "
+                                                 "else <run.root>/text-cache")
     d_model: int = option(256, "motion transformer width", check=AT_LEAST_1)
     layers: int = option(3, "motion transformer layers", check=AT_LEAST_1)
     heads: int = option(4, "motion transformer attention heads", check=AT_LEAST_1)

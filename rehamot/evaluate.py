@@ -53,9 +53,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from rehamot.config import load_config
+    from rehamot.data import data_config
     from rehamot.data.schema import load_manifest
     from rehamot.export import CONFIG_FILE, find_bundle, load_bundle
-    from rehamot.data import data_config
     from rehamot.model_factory import build_tokenizer
 
     world = init_distributed()

@@ -29,9 +29,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import run_cli
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +112,8 @@ def test_zero_stage_matches_ddp(stage, ddp_run, demo_shards, ext_dir, tmp_path):
     for key in ("lr/motion", "lr/heads", "global_batch", "dropped_negatives"):
         assert [r[key] for r in got] == [r[key] for r in ref], key
 
-    ref_w, got_w = load_file(str(ddp_run / "final" / "model.safetensors")), load_file(str(run_dir / "final" / "model.safetensors"))
+    ref_w = load_file(str(ddp_run / "final" / "model.safetensors"))
+    got_w = load_file(str(run_dir / "final" / "model.safetensors"))
     assert ref_w.keys() == got_w.keys()
     assert all(ref_w[k].shape == got_w[k].shape for k in ref_w)
     frozen = [k for k in ref_w if k.startswith("text.backbone.")]

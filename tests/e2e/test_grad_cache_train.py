@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, run_cli
+from safetensors.torch import load_file
 from test_train import TINY
 
 pytestmark = pytest.mark.slow

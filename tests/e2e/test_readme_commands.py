@@ -12,9 +12,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 from conftest import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[2]

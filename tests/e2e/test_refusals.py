@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_RUN, run_cli
 
 READ_ONLY = Path("/sys/rehamot-refusal-test")  # sysfs refuses new folders, even to root
@@ -73,3 +72,22 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(demo_shards, tmp_path):
 def test_an_unwritable_run_dir_is_one_line(demo_shards):
     out = train([f"data.shards={demo_shards}", f"run.dir={READ_ONLY}"])
     assert_refused(out, str(READ_ONLY), "writable")
+
+
+def test_a_second_run_on_a_locked_run_dir_is_refused_naming_the_holder(demo_shards, tmp_path):
+    import json
+    import socket
+    import subprocess
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        (run_dir / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                       "slurm_job_id": None, "started": "now"}))
+        out = train([f"data.shards={demo_shards}", f"run.dir={run_dir}"])
+        assert_refused(out, "is in use by another run", f"pid {holder.pid}")
+        assert not (run_dir / "config.yaml").exists()  # nothing of the holder's was touched
+    finally:
+        holder.kill()
+        holder.wait()

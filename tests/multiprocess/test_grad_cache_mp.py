@@ -17,15 +17,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+from test_objective_mp import MODEL_SPECS, _free_port, two_tower_batch, two_tower_model
 from torch import Tensor
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from rehamot.config import LossConfig
 from rehamot.distributed import world_info
 from rehamot.grad_cache import backward_through_cache, embed_without_grad
-from rehamot.config import LossConfig
 from rehamot.objective import GlobalBatchObjective, reduce_stats
-from test_objective_mp import MODEL_SPECS, _free_port, two_tower_batch, two_tower_model
 
 WORLD = 2
 MICRO = 4

@@ -11,7 +11,6 @@ the tiny one: give it a factory, a batch builder and an `embed` adapter.
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 import warnings
 from dataclasses import dataclass
@@ -27,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from rehamot.config import LossConfig
 from rehamot.distributed import gather_with_grad, world_info
 from rehamot.losses_reference import single_process_loss
-from rehamot.config import LossConfig
 from rehamot.objective import GlobalBatchObjective, reduce_stats
 
 LOCAL_BATCH = 6

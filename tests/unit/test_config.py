@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from rehamot.config import Config, ConfigError, DEFAULT_CONFIG, load_config, to_yaml
+from rehamot.config import DEFAULT_CONFIG, Config, ConfigError, load_config, to_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,11 +13,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from rehamot.config import ConfigError, load_config
+from rehamot.config import ConfigError, LossConfig, load_config
 from rehamot.data import tokenize
 from rehamot.grad_cache import backward_through_cache, embed_without_grad, split_micro_batches
 from rehamot.models import MotionEncoderConfig, TextEncoderConfig, TwoTower, TwoTowerConfig, load_tokenizer
-from rehamot.config import LossConfig
 from rehamot.objective import GlobalBatchObjective
 
 MICRO = 4  # k micro-batches ...

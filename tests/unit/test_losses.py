@@ -7,13 +7,12 @@ read off the caption vectors; the expected numbers are worked out in the comment
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-from functools import partial
 
 from rehamot import losses
 from rehamot.config import LossConfig

@@ -8,9 +8,7 @@ import pytest
 from rich.console import Console
 
 from rehamot.evaluation import format_table
-
 from rehamot.metrics import (
-    PROTOCOLS,
     caption_protocol_ranks,
     evaluate_protocols,
     nsim_ids,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.profiler import profile
 
+from rehamot.data import tokenize
 from rehamot.models import (
     MotionEncoder,
     MotionEncoderConfig,
@@ -19,7 +20,6 @@ from rehamot.models import (
     TwoTowerConfig,
     load_tokenizer,
 )
-from rehamot.data import tokenize
 
 PAPER_MOTION_PARAMS = 2_700_288  # Linear(263->256) + token + 3 post-norm layers + Linear(256->1024)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
 
+from rehamot.data import tokenize
 from rehamot.models import (
     TextEncoder,
     TextEncoderConfig,
@@ -23,7 +24,6 @@ from rehamot.models import (
     load_tokenizer,
     resolve_text_model,
 )
-from rehamot.data import tokenize
 
 SENTENCES = [
     "a person walks forward slowly",
