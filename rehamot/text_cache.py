@@ -14,9 +14,18 @@ name, removed and rebuilt.
 The key hashes what determines the features: the LM's content fingerprint (weights, config,
 tokenizer files, pooling, layers kept, max length; see TextEncoder.fingerprint) and the
 tokenizer class, the max token length, and the split's captions. The captions are identified
-by the manifest's shard records (path, counts, sha256) when every shard has a sha256, so a
-start with a cache costs no shard reading; otherwise by the texts themselves (then every start
-reads the split's JSON members).
+by the manifest's shard records (path, counts, sha256, and the sha256 of the shard's index,
+which holds a digest of every sample's JSON member), so a start with a cache costs no shard
+reading; without them (hand-made manifests) by the texts themselves (then every start reads
+the split's JSON members).
+
+The cache is checked against the captions it serves through those digests: a build encodes
+only captions whose JSON member matches its index (others are bad samples, digest_mismatch),
+and the training stream checks every sample against the same index before serving it. So a
+caption edited in a shard after sharding is never looked up: it is refused where it is read,
+naming shard and sample (strict), or skipped and counted; and re-sharded captions give new
+index checksums, hence a new key and a new cache. A lookup that misses anyway is an error
+naming the caption, its sample and its shard.
 
 Built in parallel, with only a barrier (no torch.distributed here): rank r reads the JSON
 members of shards r::W, the ranks agree on the sorted union through part files, rank r encodes
@@ -47,8 +56,10 @@ from rehamot.data.reading import (
     BadSample,
     BadSampleError,
     RateLimitedWarning,
+    check_digests,
     decode_meta_member,
     is_url,
+    load_indexes,
     member_url,
     read_manifest,
     read_members,
@@ -87,10 +98,12 @@ class CaptionScan:
 def scan_captions(shards: str, split: str, shard_numbers: Iterable[int] | None = None,
                   strict: bool = False) -> CaptionScan:
     """Distinct caption texts of a split's shards (all, or the given positions in the manifest),
-    reading only the JSON members. Unreadable samples are counted and warned about by shard and
-    key (strict: BadSampleError); every readable caption is kept."""
+    reading only the JSON members. Unreadable samples and those whose JSON member differs from
+    the shard index (digest_mismatch) are counted and warned about by shard and key (strict:
+    BadSampleError); every other caption is kept."""
     records = split_shards(read_manifest(shards), split)
-    numbers = range(len(records)) if shard_numbers is None else shard_numbers
+    numbers = range(len(records)) if shard_numbers is None else list(shard_numbers)
+    indexes = dict(zip(numbers, load_indexes(shards, [records[n] for n in numbers])))
     scan, warn = CaptionScan(), RateLimitedWarning(log)
 
     def bad(url: str, where: Any, reason: str, count: int) -> None:
@@ -117,6 +130,7 @@ def scan_captions(shards: str, split: str, shard_numbers: Iterable[int] | None =
                 break
             seen += 1
             try:
+                check_digests(indexes[number], raw)
                 meta = decode_meta_member(raw)
             except BadSample as exn:
                 bad(url, raw.get("__key__"), str(exn), 1)
@@ -126,12 +140,14 @@ def scan_captions(shards: str, split: str, shard_numbers: Iterable[int] | None =
 
 
 def split_content(manifest: dict[str, Any], split: str) -> dict[str, Any] | None:
-    """The split's identity from the manifest alone, or None when a shard has no sha256."""
+    """The split's identity from the manifest alone (the index checksums cover every caption's
+    bytes), or None when a shard record has no index checksum."""
     records = split_shards(manifest, split)
-    if not all(r.get("sha256") for r in records):
+    if not all(r.get("index_sha256") for r in records):
         return None
     return {"corpus": manifest.get("corpus"), "split": split,
-            "shards": [[r["path"], int(r["samples"]), r.get("captions"), r["sha256"]] for r in records]}
+            "shards": [[r["path"], int(r["samples"]), r.get("captions"), r.get("sha256"),
+                        r["index_sha256"]] for r in records]}
 
 
 def texts_digest(texts: Iterable[str]) -> str:
@@ -164,6 +180,10 @@ class CorruptCache(Exception):
     """The file cannot be trusted (truncated, bytes changed, another key)."""
 
 
+class CaptionNotCached(LookupError):
+    """A caption the training stream served is not in the cache (its message names it)."""
+
+
 @dataclass
 class TextFeatureCache:
     path: Path
@@ -178,15 +198,20 @@ class TextFeatureCache:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def lookup(self, texts: Sequence[str]) -> torch.Tensor:
-        """(B, H) features of the given captions; a caption not in the cache is an error."""
-        try:
-            rows = [self.index[text] for text in texts]
-        except KeyError as missing:
-            raise KeyError(
-                f"caption {missing.args[0]!r} is not in the text cache {self.path}; it was built for "
-                "another training split. Delete the file (it is rebuilt) or set model.text_cache=off."
-            ) from None
+    def lookup(self, texts: Sequence[str], ids: Sequence[str] | None = None,
+               shards: Sequence[str | None] | None = None) -> torch.Tensor:
+        """(B, H) features of the given captions; a caption not in the cache is CaptionNotCached
+        naming it and, when given (a batch's `ids` and `shards`), its sample and shard."""
+        rows = [self.index.get(text) for text in texts]
+        if None in rows:
+            at = rows.index(None)
+            where = "".join(f" {label} {values[at]}" for label, values in
+                            (("of sample", ids), ("in shard", shards)) if values is not None)
+            raise CaptionNotCached(
+                f"caption {texts[at]!r}{where} is not in the text cache {self.path}, built from "
+                "the split's captions as the shard indexes describe them: check the shards "
+                "(make_shards.py verify DIR), then delete the cache file (it is rebuilt) or set "
+                "model.text_cache=false")
         return self.features[torch.tensor(rows, dtype=torch.int64)]
 
 

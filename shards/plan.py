@@ -19,14 +19,8 @@ from rehamot.data.schema import SPLITS
 # Matched with fullmatch: `$` would also match before a trailing newline.
 KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 
-# The reasons of the shard contract, plus those only this converter gives (a skipped source
-# file never reaches a reader, so readers need not know them).
-SKIP_REASONS = {
-    **schema.SKIP_REASONS,
-    "outside_root": "the path resolves outside the corpus root (a symlink, '..' or an "
-                    "absolute path); it is not read",
-    "bad_fps": "the record's fps is not a finite number within the accepted range",
-}
+# One list of reason codes, the shard contract's: manifest["skipped"] and the readers' counts.
+SKIP_REASONS = schema.SKIP_REASONS
 # "file": a corpus file that is neither a motion nor a caption (a split list, Mean/Std).
 SKIP_LEVELS = ("motion", "caption", "file")
 

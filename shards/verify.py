@@ -2,7 +2,9 @@
 
 Every malformed sample is a problem naming the shard and the key, never an exception: motion
 headers are checked against the member's size before anything is allocated, object dtypes
-(pickles) are refused, and JSON that is not an object is reported.
+(pickles) are refused, and JSON that is not an object is reported. Each shard's index must be
+the one the manifest hashed, and each sample's members must match its digests there (what
+training checks as it reads): an altered shard is reported sample by sample.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from rehamot.data import schema
+from rehamot.data.reading import load_index
 from shards.files import file_sha256
 from shards.npy_header import decode_checked
 from shards.plan import inside_root, is_valid_key
@@ -64,13 +67,21 @@ def _verify_shard(path: Path, shard: dict[str, Any], split: str,
     if digest != shard["sha256"]:
         problems.append(f"{name}: sha256 {digest[:12]}... differs from the manifest's "
                         f"{shard['sha256'][:12]}... (altered or truncated)")
+    index = None
+    if inside_root(path.parent / schema.index_name(name), path.parent) is None:
+        problems.append(f"{schema.index_name(name)}: not a file inside the shard folder; not read")
+    else:
+        try:
+            index = load_index(str(path.parent), shard)
+        except schema.ShardSetError as err:
+            problems.append(str(err))
     try:
         samples = _read_samples(path)
     except (tarfile.TarError, OSError, EOFError) as err:
         return problems + [f"{name}: unreadable tar ({type(err).__name__}: {err})"]
     captions = 0
     previous = ""
-    for key, members in samples:
+    for position, (key, members) in enumerate(samples):
         where = f"{name}/{key}"
         if not is_valid_key(key):
             problems.append(f"{where}: key is not a valid shard key (dots or other characters)")
@@ -81,6 +92,9 @@ def _verify_shard(path: Path, shard: dict[str, Any], split: str,
         if key <= previous:
             problems.append(f"{where}: keys out of order or repeated")
         previous = key
+        mismatch = None if index is None else index.mismatch({"__key__": key, **members}, position)
+        if mismatch is not None:
+            problems.append(f"{where}: digest_mismatch: {mismatch}")
         sample_problems, sample_captions = _verify_sample(where, key, members, split, manifest)
         problems += sample_problems
         captions += sample_captions

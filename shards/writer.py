@@ -1,7 +1,8 @@
 """Deterministic tar shards: fixed mtime/owner/mode, members sorted, size-based boundaries.
 
 Boundaries depend only on the encoded bytes, so the same input gives the same shards
-whatever the number of workers.
+whatever the number of workers. Beside each shard goes its index of per-sample digests
+(schema.encode_index), whose sha256 the shard's manifest record holds.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class SplitWriter:
         self.shards: list[dict[str, Any]] = []
         self._tar: wds.TarWriter | None = None
         self._file = None
+        self._digests: list[tuple[str, bytes, bytes]] = []  # the open shard's, in tar order
         self._bytes = self._samples = self._captions = 0
         self.samples = self.captions = 0
 
@@ -46,6 +48,8 @@ class SplitWriter:
             self._open_shard()
         self._tar.write({"__key__": sample.id, schema.MOTION_MEMBER: sample.motion,
                          schema.META_MEMBER: sample.meta})
+        self._digests.append((sample.id, schema.member_digest(sample.motion),
+                              schema.member_digest(sample.meta)))
         self._bytes += size
         self._samples += 1
         self._captions += sample.captions
@@ -67,14 +71,18 @@ class SplitWriter:
         self._tar = wds.TarWriter(self._file, user="rehamot", group="rehamot", mode=0o444,
                                   mtime=0, encoder=False)
         self._bytes = self._samples = self._captions = 0
+        self._digests = []
 
     def _close_shard(self) -> None:
         path = self._path()
         self._tar.close()
         self._file.close()
         self._tar = self._file = None
+        index = self.out_dir / schema.index_name(path.name)
+        index.write_bytes(schema.encode_index(path.name, self._digests))
         self.shards.append({"path": path.name, "samples": self._samples,
-                            "captions": self._captions, "sha256": file_sha256(path)})
+                            "captions": self._captions, "sha256": file_sha256(path),
+                            "index": index.name, "index_sha256": file_sha256(index)})
 
 
 class RunningMoments:

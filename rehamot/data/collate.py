@@ -52,11 +52,11 @@ def tokenize(tokenizer: Tokenizer, texts: Sequence[str], max_length: int
 def collate_pairs(
     items: Sequence[dict[str, Any]], tokenizer: Tokenizer | None, max_text_len: int
 ) -> dict[str, Any]:
-    """Items {motion (T,F) float32, id, caption_id, text} -> one training batch dict.
+    """Items {motion (T,F) float32, id, caption_id, text[, shard]} -> one training batch dict.
 
-    Keys: motion, motion_mask, lengths, motion_index, ids, caption_ids, texts and, when a
-    tokenizer is given, input_ids and attention_mask. Without one (precomputed text features)
-    the caption ids identify the texts.
+    Keys: motion, motion_mask, lengths, motion_index, ids, caption_ids, texts, shards (each
+    item's shard file name, None when not given) and, when a tokenizer is given, input_ids and
+    attention_mask. Without one (precomputed text features) the caption ids identify the texts.
     """
     batch: dict[str, Any] = pad_motions([item["motion"] for item in items])
     ids = [item["id"] for item in items]
@@ -64,6 +64,7 @@ def collate_pairs(
     batch["ids"] = ids
     batch["caption_ids"] = [item["caption_id"] for item in items]
     batch["texts"] = [item["text"] for item in items]
+    batch["shards"] = [item.get("shard") for item in items]
     if tokenizer is not None:
         batch.update(tokenize(tokenizer, batch["texts"], max_text_len))
     return batch

@@ -5,7 +5,8 @@ rank r of W owns the motions and captions whose index % W == r. Construction rea
 JSON members (ids and captions); motion_batches streams this rank's motions on demand, so a
 rank never holds the split's motions in memory.
 
-Evaluation is exact or nothing: a bad sample raises (never skipped), whatever `strict` says.
+Evaluation is exact or nothing: a bad sample raises (never skipped), whatever `strict` says;
+that includes a sample whose members differ from its shard index's digests (digest_mismatch).
 """
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ from rehamot.data.motion import eval_crop, normalize
 from rehamot.data.pipeline import DataConfig
 from rehamot.data.reading import (
     BadSample,
+    check_digests,
+    check_shard_files,
     decode_meta_member,
     decode_motion_member,
+    load_indexes,
     member_url,
     read_manifest,
     read_members,
@@ -48,13 +52,16 @@ class EvalSet:
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
         manifest = read_manifest(cfg.shards)
         records = split_shards(manifest, cfg.split)
+        check_shard_files(cfg.shards, manifest, [cfg.split])
         self.shard_urls = [member_url(cfg.shards, r["path"]) for r in records]
+        self.indexes = load_indexes(cfg.shards, records)
         self.feature_dim = int(manifest["feature_dim"])
         self.mean, self.std = schema.mean_std(manifest)
 
         metas: dict[str, dict[str, Any]] = {}
-        for url in self.shard_urls:
+        for url, index in zip(self.shard_urls, self.indexes):
             for raw in read_members(url, _META_ONLY):
+                _checked(url, raw["__key__"], check_digests, index, raw)
                 meta = _checked(url, raw["__key__"], decode_meta_member, raw)
                 if meta["id"] in metas:
                     raise ValueError(f"{url}: sample {meta['id']} appears twice in split "
@@ -104,11 +111,12 @@ class EvalSet:
 
         pending: list[tuple[int, Any]] = []
         delivered = 0
-        for url in self.shard_urls:
+        for url, index in zip(self.shard_urls, self.indexes):
             for raw in read_members(url, _MOTION_ONLY, want_key=mine):
                 key = raw["__key__"]
                 if schema.MOTION_MEMBER not in raw:
                     raise ValueError(f"{url}: sample {key} has no motion member")
+                _checked(url, key, check_digests, index, raw)
                 motion = _checked(url, key, decode_motion_member, raw[schema.MOTION_MEMBER],
                                   self.feature_dim)
                 window = normalize(eval_crop(motion, self.cfg.max_len), self.mean, self.std)

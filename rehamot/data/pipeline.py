@@ -18,6 +18,12 @@ its quota of batches. The data order is a pure function of (seed, epoch, rank, w
   sorted by crop length, cut into n batches and emitted in an order seeded by (seed, epoch,
   rank, worker, pool): padding to the batch maximum then costs little (benchmarks.md).
 
+Integrity: at construction the manifest's every shard and index must exist (local folders) and
+this split's indexes must match the manifest's sha256 (ShardSetError, one line, before any
+training). Each sample read is then checked against its shard index (key at its position, a
+digest of each member's raw bytes) before it is decoded: an altered sample is a bad sample
+with reason `digest_mismatch`, so nothing the manifest does not describe is trained on.
+
 Bad samples: a bad sample is dropped before the shuffle buffer; its slot refills its quota by
 reading its own range again from the start (so one bad sample costs one repeated motion, and
 the step count never changes). `batch["bad_samples"]` carries the number of bad samples the
@@ -34,7 +40,6 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,8 +55,10 @@ from rehamot.data.reading import (
     BadSample,
     BadSampleError,
     RateLimitedWarning,
+    check_digests,
+    check_shard_files,
     decode_sample,
-    is_url,
+    load_indexes,
     log,
     member_url,
     read_manifest,
@@ -70,7 +77,7 @@ class DataConfig:
     max_len: int = 196  # frames; longer motions are cropped (training: random, eval: first)
     shuffle_buffer: int = 1000  # samples held per worker for shuffling; 0 or 1: no shuffle
     seed: int = 1234
-    strict: bool = False  # raise on a bad sample instead of skipping it
+    strict: bool = False  # raise on a bad sample (digest mismatch included) instead of skipping it
     max_text_len: int = 64  # tokens
     length_buckets: int = 0  # n > 1: sort each pool of n batches by length (see batches())
 
@@ -120,11 +127,9 @@ class TrainStream:
         self.mean, self.std = schema.mean_std(self.manifest)
         preflight(split=cfg.split, num_shards=len(records), num_samples=self.num_samples,
                   world_size=world_size, num_workers=cfg.num_workers, batch_size=cfg.batch_size)
-        if not is_url(cfg.shards):
-            missing = [u for u in self.shard_urls if not Path(u).is_file()]
-            if missing:
-                raise FileNotFoundError(f"{len(missing)} shard(s) named in the manifest are "
-                                        f"missing, e.g. {missing[0]}")
+        # every split's files (evaluation reads val and test later), this split's digests
+        check_shard_files(cfg.shards, self.manifest)
+        self.indexes = load_indexes(cfg.shards, records)
         self.steps_per_epoch = steps_per_epoch(self.num_samples, world_size, cfg.batch_size)
 
     def plan(self, epoch: int) -> list[SlotPlan]:
@@ -237,7 +242,8 @@ class _SlotReader:
         caption = meta["captions"][caption_index]
         window = motion[start : start + length]
         return {"motion": normalize(window, self.stream.mean, self.stream.std),
-                "id": meta["id"], "caption_id": caption["caption_id"], "text": caption["text"]}
+                "id": meta["id"], "caption_id": caption["caption_id"], "text": caption["text"],
+                "shard": meta["__shard__"]}
 
     def _good_samples(self) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
         """The slot's decoded samples, its range read again from the start while the quota
@@ -246,14 +252,16 @@ class _SlotReader:
             good = 0
             for segment in self.slot.segments:
                 url = self.stream.shard_urls[segment.shard]
-                for meta, motion in self._segment_samples(url, segment.first, segment.stop):
+                index = self.stream.indexes[segment.shard]
+                for meta, motion in self._segment_samples(url, index, segment.first,
+                                                          segment.stop):
                     good += 1
                     yield meta, motion
             if good == 0:
                 raise RuntimeError(f"rank {self.slot.rank} worker {self.slot.worker}: no usable "
                                    f"sample in its {self.slot.num_samples} planned samples")
 
-    def _segment_samples(self, url: str, first: int, stop: int
+    def _segment_samples(self, url: str, index: schema.ShardIndex, first: int, stop: int
                          ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
         raws, seen = read_segment(url, first, stop), 0
         while True:
@@ -267,10 +275,12 @@ class _SlotReader:
                 return
             seen += 1
             try:
+                check_digests(index, raw, first + seen - 1)  # before anything is decoded
                 decoded = decode_sample(raw, self.stream.feature_dim)
             except BadSample as exn:
                 self._bad(url, raw.get("__key__"), str(exn), 1)
                 continue
+            decoded[0]["__shard__"] = index.shard  # batches name each item's shard
             yield decoded
         if seen < stop - first:
             self._bad(url, f"samples {first + seen}..{stop - 1}",

@@ -1,14 +1,19 @@
-"""Reading a shard set: manifest (local dir or URL prefix), shard segments, sample validation.
+"""Reading a shard set: manifest (local dir or URL prefix), shard indexes, shard segments,
+sample validation.
 
 Everything is decoded with schema.decode_motion / decode_meta (never pickle); webdataset's own
-decoders are not used.
+decoders are not used. Every sample a reader uses is first checked against its shard's index
+of per-sample digests (`check_digests`), which `load_indexes` reads and checks against the
+manifest's sha256 at start-up.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,16 @@ log = logging.getLogger("rehamot.data")
 
 
 class BadSample(Exception):
-    """A sample that cannot be used (corrupt member, wrong shape, bad JSON, ...)."""
+    """A sample that cannot be used (corrupt member, wrong shape, bad JSON, ...).
+
+    `reason` is a schema.SKIP_REASONS code when one names the problem; str() starts with it.
+    """
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        if reason is not None and reason not in schema.SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}")
+        super().__init__(f"{reason}: {message}" if reason else message)
+        self.reason = reason
 
 
 class BadSampleError(RuntimeError):
@@ -47,9 +61,7 @@ def read_manifest(location: str) -> dict[str, Any]:
     url = member_url(location, schema.MANIFEST_NAME)
     with wds.gopen(url, "rb") as stream:
         manifest = json.loads(stream.read().decode("utf-8"))
-    if manifest.get("format_version") != schema.FORMAT_VERSION:
-        raise ValueError(f"{url}: format_version {manifest.get('format_version')!r}, "
-                         f"this rehamot reads {schema.FORMAT_VERSION}")
+    schema.check_format(manifest, url)
     return manifest
 
 
@@ -59,6 +71,70 @@ def split_shards(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
     if split not in splits:
         raise ValueError(f"split {split!r} is not in the manifest (it has {sorted(splits)})")
     return list(splits[split]["shards"])
+
+
+def check_shard_files(location: str, manifest: dict[str, Any],
+                      splits: list[str] | None = None) -> None:
+    """ShardSetError (one line) naming the first shard or index of the splits (default: all)
+    that is not a file, for a local shard folder; a URL prefix is left to the readers (a
+    request each)."""
+    if is_url(location):
+        return
+    entries = manifest.get("splits", {})
+    missing = [name for split in (entries if splits is None else splits)
+               for record in entries.get(split, {}).get("shards", [])
+               for name in (record["path"], schema.index_name(record["path"]))
+               if not (Path(location) / name).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise schema.ShardSetError(
+            f"{location}: {missing[0]}{more} is named in {schema.MANIFEST_NAME} but missing; copy "
+            f"the whole shard folder again, or {schema.RESHARD}")
+
+
+def load_index(location: str, record: dict[str, Any]) -> schema.ShardIndex:
+    """A shard's index, checked against the manifest's sha256 (ShardSetError otherwise)."""
+    name = schema.index_name(record["path"])
+    if record.get("index") != name or not record.get("index_sha256"):
+        raise schema.ShardSetError(
+            f"{location}: the manifest names no index {name} for {record['path']} (index "
+            f"{record.get('index')!r}); {schema.RESHARD}")
+    url = member_url(location, name)
+    try:
+        with wds.gopen(url, "rb") as stream:
+            data = stream.read()
+    except Exception as exn:  # missing file, failed request: the shard set is incomplete
+        raise schema.ShardSetError(f"{url}: cannot read this shard index ({type(exn).__name__}: "
+                                   f"{str(exn)[:200]}); copy the whole shard folder again, or "
+                                   f"{schema.RESHARD}") from exn
+    if hashlib.sha256(data).hexdigest() != record["index_sha256"]:
+        raise schema.ShardSetError(f"{url}: sha256 differs from the manifest's (the index was "
+                                   f"altered or belongs to another build); {schema.RESHARD}")
+    try:
+        index = schema.ShardIndex.parse(data, record["path"])
+    except (ValueError, UnicodeDecodeError) as exn:
+        raise schema.ShardSetError(f"{url}: not a shard index ({exn}); {schema.RESHARD}") from exn
+    if len(index) != int(record["samples"]):
+        raise schema.ShardSetError(f"{url}: lists {len(index)} samples, the manifest says "
+                                   f"{record['samples']}; {schema.RESHARD}")
+    return index
+
+
+def load_indexes(location: str, records: list[dict[str, Any]]) -> list[schema.ShardIndex]:
+    """The indexes of `records`, in order; a URL prefix is read a few requests at a time."""
+    if not is_url(location) or len(records) < 2:
+        return [load_index(location, r) for r in records]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda r: load_index(location, r), records))
+
+
+def check_digests(index: schema.ShardIndex, raw: dict[str, Any], position: int | None = None
+                  ) -> None:
+    """BadSample(digest_mismatch) unless the raw sample's members are the ones sharded (see
+    schema.ShardIndex.mismatch); hashes the bytes already read, before anything is decoded."""
+    problem = index.mismatch(raw, position)
+    if problem is not None:
+        raise BadSample(problem, reason="digest_mismatch")
 
 
 class _MemberFilter:

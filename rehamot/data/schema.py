@@ -7,24 +7,46 @@ One WebDataset sample per motion (a captioned sub-clip is its own motion):
 
 Keys contain no dots (WebDataset splits member names at the first dot).
 
-`DIR/manifest.json` describes one shard set; see `Manifest` keys below. Everything here is
+`DIR/manifest.json` describes one shard set; see the shard record below. Everything here is
 plain data (JSON, .npy without pickle) so that shards handed to us by others are never
 unpickled.
+
+Per-sample digests (format 2): beside each shard `<split>-%06d.tar` lies its index
+`<split>-%06d.index.json`, listing in tar order each sample's key and a digest of each member's
+raw bytes (`member_digest`). The manifest holds the index's sha256, so the manifest vouches for
+every sample through it while staying small for 100k-sample corpora. Readers check a sample's
+members against the index as they decode it: a worker reading a slice of a shard, or a resume
+skipping samples, still checks every sample it uses, before anything is trained on it (a
+whole-shard sha256 is known only at the shard's end). `make_shards.py verify` checks both.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-FORMAT_VERSION = 1
+# 2: per-sample digests in per-shard index files (older shards are refused: re-shard them)
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 MOTION_MEMBER = "motion.npy"
 META_MEMBER = "json"
 SHARD_PATTERN = "{split}-%06d.tar"
+INDEX_SUFFIX = ".index.json"
+INDEX_FORMAT = "rehamot-shard-index"
+# sha256 of the member's bytes cut to 128 bits: with SHA-NI (x86) or the ARMv8 SHA extensions
+# it is 2-3x faster than blake2b on these ~100 KB members (docs/benchmarks.md), and 128 bits
+# leave no chance of an altered member keeping its digest by accident.
+DIGEST = "sha256-128"
+DIGEST_SIZE = 16
+DIGESTED_MEMBERS = (MOTION_MEMBER, META_MEMBER)  # their order in the index's digest pairs
+RESHARD = ("re-shard them with this rehamot (python shards/make_shards.py <humanml3d|kitml|"
+           "manifest|demo> ... --out DIR --overwrite)")
 SPLITS = ("train", "val", "test")
 STD_FLOOR = 1e-3  # constant channels must not divide by zero when normalising
 
@@ -46,6 +68,12 @@ SKIP_REASONS = {
     "mirror_excluded": "mirrored (M...) id excluded by --mirrors exclude",
     "bad_record": "a manifest line is not a valid record",
     "bad_id": "the id is not a valid shard key (letters, digits, '_' and '-' only)",
+    "outside_root": "the path resolves outside the corpus root (a symlink, '..' or an "
+                    "absolute path); it is not read",
+    "bad_fps": "the record's fps is not a finite number within the accepted range",
+    # given by readers of the shards, never written into a manifest
+    "digest_mismatch": "a member's bytes differ from the digest its shard index recorded "
+                       "at sharding time (the shard was altered after sharding)",
 }
 
 # SampleMeta (the sample's JSON member):
@@ -60,6 +88,29 @@ SKIP_REASONS = {
 #   "source": {"corpus": "humanml3d", "file": "new_joint_vecs/000123.npy",
 #              "crop": [first_frame, last_frame_exclusive] of the parent}
 # }
+#
+# A shard record (manifest["splits"][split]["shards"][i]):
+# {"path": "train-000000.tar", "samples": 93, "captions": 310, "sha256": <the tar's>,
+#  "index": "train-000000.index.json", "index_sha256": <the index file's>}
+#
+# The index file (encode_index), UTF-8 JSON:
+# {"format": "rehamot-shard-index", "version": 1, "shard": "train-000000.tar",
+#  "digest": "sha256-128", "members": ["motion.npy", "json"],
+#  "samples": [["000123_1", <hex digest of motion.npy>, <hex digest of json>], ...]}
+
+
+class ShardSetError(ValueError):
+    """The shard set cannot be read as its manifest describes it (an older format, a shard or
+    index missing, an index that is not the one the manifest hashed). Found at start-up,
+    before any training; the message is one line."""
+
+
+class NpyHeaderError(ValueError):
+    """The .npy header is unreadable, or claims other data than the bytes that follow it."""
+
+
+class PickledNpy(NpyHeaderError):
+    """The header declares Python objects: loading it would need pickle."""
 
 
 def caption_id(sample_id: str, index: int) -> str:
@@ -74,10 +125,20 @@ def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
             f"`python shards/make_shards.py demo --motions 2000 --out {shard_dir}`"
         )
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {version!r}, this rehamot reads {FORMAT_VERSION}")
+    check_format(manifest, str(path))
     return manifest
+
+
+def check_format(manifest: Any, where: str) -> None:
+    """ShardSetError (one line) unless `manifest` is of FORMAT_VERSION."""
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version == FORMAT_VERSION:
+        return
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        raise ShardSetError(f"{where}: shards of format {version}, without per-sample digests; "
+                            f"this rehamot reads only format {FORMAT_VERSION}: {RESHARD}")
+    raise ShardSetError(f"{where}: format_version {version!r}, this rehamot reads "
+                        f"{FORMAT_VERSION}: use the rehamot that wrote them, or {RESHARD}")
 
 
 def mean_std(manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -92,9 +153,47 @@ def encode_motion(motion: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def check_npy_header(stream: BinaryIO, size: int) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the .npy of `size` bytes that starts at the stream's position.
+
+    np.load trusts the header: one claiming shape (10**12, 263) makes it allocate terabytes
+    before it finds the data missing, and an object dtype means a pickle. So the header is read
+    first, and only a plain dtype whose shape accounts for exactly the bytes there are passes.
+    Leaves the stream just after the header. Raises PickledNpy for object dtypes and
+    NpyHeaderError for anything else that np.load should not be given.
+    """
+    start = stream.tell()
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:  # 3.0 only exists for structured dtypes with non-latin-1 field names
+            raise NpyHeaderError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    except NpyHeaderError:
+        raise
+    except (ValueError, TypeError, EOFError, OverflowError, SyntaxError) as err:
+        raise NpyHeaderError(f"unreadable .npy header ({err})") from err
+    if dtype.hasobject:
+        raise PickledNpy(f"header declares dtype {dtype} (Python objects, would need pickle)")
+    if any(d < 0 for d in shape):
+        raise NpyHeaderError(f"header claims a negative shape {shape}")
+    claimed = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
+    held = size - (stream.tell() - start)
+    if claimed != held:
+        raise NpyHeaderError(f"header claims shape {shape} of {dtype} ({claimed} bytes), "
+                             f"the data is {held} bytes")
+    return tuple(shape), dtype
+
+
 def decode_motion(data: bytes) -> np.ndarray:
-    """Decode a motion member; never unpickles (raises ValueError on object arrays)."""
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """Decode a motion member, its header checked first (check_npy_header): never unpickles,
+    never allocates more than the bytes it was given. NpyHeaderError / PickledNpy otherwise."""
+    stream = io.BytesIO(data)
+    check_npy_header(stream, len(data))
+    stream.seek(0)
+    return np.load(stream, allow_pickle=False)
 
 
 def encode_meta(meta: dict[str, Any]) -> bytes:
@@ -103,3 +202,85 @@ def encode_meta(meta: dict[str, Any]) -> bytes:
 
 def decode_meta(data: bytes) -> dict[str, Any]:
     return json.loads(data.decode("utf-8"))
+
+
+# -- per-sample digests ---------------------------------------------------------------------------
+def member_digest(data: bytes) -> bytes:
+    """DIGEST of a member's raw bytes (as stored in the tar)."""
+    return hashlib.sha256(data).digest()[:DIGEST_SIZE]
+
+
+def index_name(shard_path: str) -> str:
+    """`train-000000.tar` -> `train-000000.index.json`."""
+    return shard_path.removesuffix(".tar") + INDEX_SUFFIX
+
+
+def encode_index(shard_path: str, samples: list[tuple[str, bytes, bytes]]) -> bytes:
+    """The index file of a shard: (key, motion digest, JSON digest) per sample, in tar order.
+    The same samples give the same bytes."""
+    body = {"format": INDEX_FORMAT, "version": 1, "shard": shard_path, "digest": DIGEST,
+            "members": list(DIGESTED_MEMBERS),
+            "samples": [[key, motion.hex(), meta.hex()] for key, motion, meta in samples]}
+    return (json.dumps(body, separators=(",", ":"), ensure_ascii=True) + "\n").encode("ascii")
+
+
+class ShardIndex:
+    """A shard's per-sample digests: `keys` in tar order, `digests` the DIGEST_SIZE-byte digests
+    of each sample's DIGESTED_MEMBERS, concatenated (compact: 32 bytes per sample)."""
+
+    def __init__(self, shard: str, keys: list[str], digests: bytes) -> None:
+        self.shard, self.keys, self.digests = shard, keys, digests
+        self._positions: dict[str, int] | None = None
+
+    @classmethod
+    def parse(cls, data: bytes, shard: str) -> ShardIndex:
+        """The index of `shard` from its file's bytes; ValueError if it is not one."""
+        body = json.loads(data.decode("utf-8"))
+        if not isinstance(body, dict) or body.get("format") != INDEX_FORMAT \
+                or body.get("version") != 1 or body.get("digest") != DIGEST \
+                or body.get("members") != list(DIGESTED_MEMBERS) or body.get("shard") != shard:
+            raise ValueError(f"not a version-1 {INDEX_FORMAT} of {shard} with {DIGEST} digests")
+        keys, digests = [], bytearray()
+        for entry in body.get("samples", []):
+            key, *hexes = entry
+            parts = [bytes.fromhex(h) for h in hexes]
+            if not isinstance(key, str) or len(parts) != len(DIGESTED_MEMBERS) \
+                    or any(len(p) != DIGEST_SIZE for p in parts):
+                raise ValueError(f"malformed entry {entry!r:.80}")
+            keys.append(key)
+            digests += b"".join(parts)
+        return cls(shard, keys, bytes(digests))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def position(self, key: str) -> int | None:
+        if self._positions is None:
+            self._positions = {k: i for i, k in enumerate(self.keys)}
+        return self._positions.get(key)
+
+    def mismatch(self, sample: Mapping[str, Any], position: int | None = None) -> str | None:
+        """Why `sample` ({__key__, member: bytes}) is not what was sharded, or None.
+
+        With `position` (its place in the tar) the key must be the index's there; without, the
+        key is looked up. Every digested member the sample holds is checked; a missing member
+        is left to the decoder to report.
+        """
+        key = sample.get("__key__")
+        if position is None:
+            position = self.position(key)
+            if position is None:
+                return f"key {key!r} is not in {index_name(self.shard)}"
+        elif position >= len(self.keys) or self.keys[position] != key:
+            listed = self.keys[position] if position < len(self.keys) else "no sample"
+            return (f"sample {position} of the tar is {key!r}, {index_name(self.shard)} lists "
+                    f"{listed!r} there (samples moved or replaced)")
+        for slot, member in enumerate(DIGESTED_MEMBERS):
+            data = sample.get(member)
+            if data is None:
+                continue
+            at = (position * len(DIGESTED_MEMBERS) + slot) * DIGEST_SIZE
+            if member_digest(data) != self.digests[at:at + DIGEST_SIZE]:
+                return (f"its {member} is not the one sharded ({DIGEST} differs from "
+                        f"{index_name(self.shard)})")
+        return None

@@ -6,6 +6,7 @@ function of the arguments (fixed seeds), so tests can recompute what the loader 
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import os
@@ -57,7 +58,8 @@ def write_shard_set(
 
     Sample i (numbered across splits, id f"{i:06d}") has 1 + i % 4 captions. `bad` maps a sample
     number to one of BAD_KINDS; bad samples stay in the tar and in the manifest's counts, as a
-    corrupted file would.
+    corrupted file would. Each shard gets its index of per-sample digests, of the bytes written
+    (bad ones too: they exercise the decoder's checks, which stand behind the digests).
     """
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -73,6 +75,7 @@ def write_shard_set(
         for shard_index, size in enumerate(sizes):
             name = schema.SHARD_PATTERN.format(split=split) % shard_index
             captions_in_shard = 0
+            digests = []
             with wds.TarWriter(str(root / name), mtime=0) as writer:
                 for _ in range(size):
                     sample_id = f"{number:06d}"
@@ -82,15 +85,21 @@ def write_shard_set(
                     caps = [(schema.caption_id(sample_id, k), caption_text(number, k))
                             for k in range(1 + number % 4)]
                     kind = (bad or {}).get(number)
-                    writer.write(_sample(sample_id, split, motion, caps, kind))
+                    sample = _sample(sample_id, split, motion, caps, kind)
+                    writer.write(sample)
+                    digests.append((sample_id, *(schema.member_digest(sample.get(m, b""))
+                                                 for m in schema.DIGESTED_MEMBERS)))
                     result.ids[split].append(sample_id)
                     result.motions[sample_id], result.captions[sample_id] = motion, caps
                     if kind:
                         result.bad[sample_id] = kind
                     captions_in_shard += len(caps)
                     number += 1
+            index = root / schema.index_name(name)
+            index.write_bytes(schema.encode_index(name, digests))
             records.append({"path": name, "samples": size, "captions": captions_in_shard,
-                            "sha256": ""})
+                            "sha256": "", "index": index.name,
+                            "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest()})
         splits[split] = {"motions": sum(sizes), "captions": sum(r["captions"] for r in records),
                          "shards": records}
     result.manifest = {

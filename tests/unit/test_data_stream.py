@@ -12,6 +12,7 @@ from data_fixtures import minilm_tokenizer, truncate_inside_sample, write_shard_
 
 from rehamot.data.pipeline import DataConfig, TrainStream
 from rehamot.data.reading import BadSampleError, RateLimitedWarning
+from rehamot.data.schema import ShardSetError
 
 SIZES = [3, 11, 5, 17, 2, 9, 13]  # 60 samples in deliberately uneven shards
 B = 4
@@ -193,7 +194,7 @@ def test_stream_preflight_and_missing_shard(shard_set, tmp_path):
         TrainStream(config(shard_set, num_workers=4), None, 0, 2)
     copy = write_shard_set(tmp_path / "copy", {"train": [2, 2]})
     copy.shard_paths("train")[1].unlink()
-    with pytest.raises(FileNotFoundError, match="train-000001.tar"):
+    with pytest.raises(ShardSetError, match=r"train-000001.tar is named in manifest.json but missing"):
         TrainStream(config(copy), None, 0, 1)
 
 

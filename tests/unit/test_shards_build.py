@@ -113,8 +113,8 @@ def test_overwrite_is_atomic_when_the_build_fails_midway(corpus, tmp_path):
     clean_corpus(other, n=6, seed=9)
     assert main(["humanml3d", "--root", str(other), "--out", str(out), "--overwrite"]) == 0
     manifest = json.loads((out / schema.MANIFEST_NAME).read_text())
-    listed = {s["path"] for e in manifest["splits"].values() for s in e["shards"]}
-    assert {p.name for p in out.iterdir()} == listed | {"manifest.json"}  # no old shard left
+    listed = {s[k] for e in manifest["splits"].values() for s in e["shards"] for k in ("path", "index")}
+    assert {p.name for p in out.iterdir()} == listed | {"manifest.json"}  # no old shard or index left
     assert manifest["accounting"]["motions"]["named"] == 6
     assert main(["verify", str(out)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

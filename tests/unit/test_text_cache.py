@@ -118,7 +118,7 @@ def test_cached_features_equal_live_features_and_a_second_start_does_not_encode(
 def test_a_caption_missing_from_the_cache_is_an_error_naming_it(encoder, tokenizer, tmp_path):
     shards = shard_set(tmp_path / "shards")
     cache = build(encoder, tokenizer, shards.root, tmp_path / "cache").cache
-    with pytest.raises(KeyError, match="a dog barks twice") as error:
+    with pytest.raises(tc.CaptionNotCached, match="a dog barks twice") as error:
         cache.lookup([cache.texts[0], "a dog barks twice"])
     assert str(cache.path) in str(error.value)
 
