@@ -27,7 +27,9 @@ with reason `digest_mismatch`, so nothing the manifest does not describe is trai
 Bad samples: a bad sample is dropped before the shuffle buffer; its slot refills its quota by
 reading its own range again from the start (so one bad sample costs one repeated motion, and
 the step count never changes). `batch["bad_samples"]` carries the number of bad samples the
-worker met since its previous batch (a truncated shard counts every sample it lost).
+worker met since its previous batch (a truncated shard counts every sample it lost); a
+resumed epoch's batches carry the counts they carry in the uninterrupted epoch, so a running
+total checkpointed with the position counts each bad sample once.
 `strict=True` raises BadSampleError naming the shard and key instead.
 
 Resuming needs the same (shards, seed, world_size, batch_size, num_workers).
@@ -206,10 +208,14 @@ class _SlotReader:
         for first in range(0, num_batches, per_pool):
             pool = list(itertools.islice(stream, min(per_pool, num_batches - first) * size))
             if first + len(pool) // size <= self.skip_batches:
-                continue  # resuming: the stream position is all that matters here
+                # resuming: the stream position is all that matters here, and the bad samples
+                # met on the way belong to batches the run counted before its checkpoint
+                self.bad_since_batch = 0
+                continue
             draws = [self._draw(counter, meta, motion) for counter, (meta, motion) in pool]
             for local, rows in enumerate(self._arrange(draws, first // per_pool), start=first):
                 if local < self.skip_batches:
+                    self.bad_since_batch = 0
                     continue
                 items = [self._item(pool[row][1], draws[row]) for row in rows]
                 batch = collate_pairs(items, self.stream.tokenizer, cfg.max_text_len)

@@ -181,6 +181,19 @@ def test_bad_samples_are_skipped_counted_and_steps_unchanged(bad_shards, num_wor
         assert "000005" in caplog.text and "pickle" in caplog.text
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resumed_epoch_counts_each_bad_sample_once(bad_shards, num_workers):
+    """A run's running total of bad samples (checkpointed with its position) stays exact
+    across a resume: the batches a resumed loader emits carry the same counts as in the
+    uninterrupted epoch, never those met while reading past the skipped batches again."""
+    stream = TrainStream(config(bad_shards, num_workers=num_workers), None, 0, 1)
+    full = run(stream, epoch=0)
+    assert sum(b["bad_samples"] for b in full) > 0
+    for start in (1, 5, 9):
+        resumed = run(stream, epoch=0, start_step=start)
+        assert [b["bad_samples"] for b in resumed] == [b["bad_samples"] for b in full[start:]]
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_strict_mode_raises_with_shard_and_key(bad_shards, num_workers):
     cfg = config(bad_shards, num_workers=num_workers, strict=True)
