@@ -23,7 +23,6 @@ from rehamot.data.pipeline import DataConfig
 from rehamot.data.reading import (
     BadSample,
     check_digests,
-    check_shard_files,
     decode_meta_member,
     decode_motion_member,
     load_indexes,
@@ -52,7 +51,7 @@ class EvalSet:
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
         manifest = read_manifest(cfg.shards)
         records = split_shards(manifest, cfg.split)
-        check_shard_files(cfg.shards, manifest, [cfg.split])
+        schema.check_shard_files(cfg.shards, manifest, [cfg.split])
         self.shard_urls = [member_url(cfg.shards, r["path"]) for r in records]
         self.indexes = load_indexes(cfg.shards, records)
         self.feature_dim = int(manifest["feature_dim"])

@@ -58,7 +58,6 @@ from rehamot.data.reading import (
     BadSampleError,
     RateLimitedWarning,
     check_digests,
-    check_shard_files,
     decode_sample,
     load_indexes,
     log,
@@ -130,7 +129,7 @@ class TrainStream:
         preflight(split=cfg.split, num_shards=len(records), num_samples=self.num_samples,
                   world_size=world_size, num_workers=cfg.num_workers, batch_size=cfg.batch_size)
         # every split's files (evaluation reads val and test later), this split's digests
-        check_shard_files(cfg.shards, self.manifest)
+        schema.check_shard_files(cfg.shards, self.manifest)
         self.indexes = load_indexes(cfg.shards, records)
         self.steps_per_epoch = steps_per_epoch(self.num_samples, world_size, cfg.batch_size)
 

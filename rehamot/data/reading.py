@@ -73,25 +73,6 @@ def split_shards(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:
     return list(splits[split]["shards"])
 
 
-def check_shard_files(location: str, manifest: dict[str, Any],
-                      splits: list[str] | None = None) -> None:
-    """ShardSetError (one line) naming the first shard or index of the splits (default: all)
-    that is not a file, for a local shard folder; a URL prefix is left to the readers (a
-    request each)."""
-    if is_url(location):
-        return
-    entries = manifest.get("splits", {})
-    missing = [name for split in (entries if splits is None else splits)
-               for record in entries.get(split, {}).get("shards", [])
-               for name in (record["path"], schema.index_name(record["path"]))
-               if not (Path(location) / name).is_file()]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise schema.ShardSetError(
-            f"{location}: {missing[0]}{more} is named in {schema.MANIFEST_NAME} but missing; copy "
-            f"the whole shard folder again, or {schema.RESHARD}")
-
-
 def load_index(location: str, record: dict[str, Any]) -> schema.ShardIndex:
     """A shard's index, checked against the manifest's sha256 (ShardSetError otherwise)."""
     name = schema.index_name(record["path"])

@@ -141,6 +141,26 @@ def check_format(manifest: Any, where: str) -> None:
                         f"{FORMAT_VERSION}: use the rehamot that wrote them, or {RESHARD}")
 
 
+def check_shard_files(location: str, manifest: dict[str, Any],
+                      splits: list[str] | None = None) -> None:
+    """ShardSetError (one line) naming the first shard or index of the splits (default: all)
+    that is not a file, for a local shard folder; a URL prefix is left to the readers (a
+    request each). Cheap (a stat per file) and torch-free: an entry point can run it before
+    anything heavy is imported or written."""
+    if "://" in location:
+        return
+    entries = manifest.get("splits", {})
+    missing = [name for split in (entries if splits is None else splits)
+               for record in entries.get(split, {}).get("shards", [])
+               for name in (record["path"], index_name(record["path"]))
+               if not (Path(location) / name).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ShardSetError(
+            f"{location}: {missing[0]}{more} is named in {MANIFEST_NAME} but missing; copy "
+            f"the whole shard folder again, or {RESHARD}")
+
+
 def mean_std(manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     mean = np.asarray(manifest["mean"], dtype=np.float32)
     std = np.maximum(np.asarray(manifest["std"], dtype=np.float32), STD_FLOOR)
