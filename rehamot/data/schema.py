@@ -40,8 +40,8 @@ SHARD_PATTERN = "{split}-%06d.tar"
 INDEX_SUFFIX = ".index.json"
 INDEX_FORMAT = "rehamot-shard-index"
 # sha256 of the member's bytes cut to 128 bits: with SHA-NI (x86) or the ARMv8 SHA extensions
-# it is 2-3x faster than blake2b on these ~100 KB members (docs/benchmarks.md), and 128 bits
-# leave no chance of an altered member keeping its digest by accident.
+# it is about 2x faster than blake2b on these ~130 KB members (~0.1 ms each; docs/benchmarks.md),
+# and 128 bits leave no chance of an altered member keeping its digest by accident.
 DIGEST = "sha256-128"
 DIGEST_SIZE = 16
 DIGESTED_MEMBERS = (MOTION_MEMBER, META_MEMBER)  # their order in the index's digest pairs
@@ -262,9 +262,12 @@ class ShardIndex:
             raise ValueError(f"not a version-1 {INDEX_FORMAT} of {shard} with {DIGEST} digests")
         keys, digests = [], bytearray()
         for entry in body.get("samples", []):
-            key, *hexes = entry
-            parts = [bytes.fromhex(h) for h in hexes]
-            if not isinstance(key, str) or len(parts) != len(DIGESTED_MEMBERS) \
+            try:
+                key, *hexes = entry
+                parts = [bytes.fromhex(h) for h in hexes]
+            except (TypeError, ValueError):
+                parts = []
+            if not parts or not isinstance(key, str) or len(parts) != len(DIGESTED_MEMBERS) \
                     or any(len(p) != DIGEST_SIZE for p in parts):
                 raise ValueError(f"malformed entry {entry!r:.80}")
             keys.append(key)
