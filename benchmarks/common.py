@@ -237,6 +237,8 @@ def write_synthetic_shards(root: Path, shard_sizes: dict[str, list[int]], *, fea
     1 + i % 4 captions of varying length (so padding and truncation show in tokenised
     batches). One feature channel is constant, as in real corpora (the reader floors its std).
     """
+    import hashlib
+
     import numpy as np
     import webdataset as wds
 
@@ -254,6 +256,7 @@ def write_synthetic_shards(root: Path, shard_sizes: dict[str, list[int]], *, fea
         for shard_index, size in enumerate(sizes):
             name = schema.SHARD_PATTERN.format(split=split) % shard_index
             captions_in_shard = 0
+            digests = []
             with wds.TarWriter(str(root / name), mtime=0) as writer:
                 for _ in range(size):
                     sample_id = f"{number:06d}"
@@ -263,11 +266,16 @@ def write_synthetic_shards(root: Path, shard_sizes: dict[str, list[int]], *, fea
                     meta = {"id": sample_id, "parent_id": sample_id, "split": split, "fps": 20.0, "frames": length,
                             "captions": [{"caption_id": c, "text": t, "start": 0.0, "end": 0.0} for c, t in caps],
                             "source": {"corpus": "synthetic", "file": f"{sample_id}.npy", "crop": [0, length]}}
-                    writer.write({"__key__": sample_id, schema.META_MEMBER: schema.encode_meta(meta),
-                                  schema.MOTION_MEMBER: schema.encode_motion(motion)})
+                    sample = {"__key__": sample_id, schema.META_MEMBER: schema.encode_meta(meta),
+                              schema.MOTION_MEMBER: schema.encode_motion(motion)}
+                    writer.write(sample)
+                    digests.append((sample_id, *(schema.member_digest(sample[m]) for m in schema.DIGESTED_MEMBERS)))
                     captions_in_shard += len(caps)
                     number += 1
-            records.append({"path": name, "samples": size, "captions": captions_in_shard, "sha256": ""})
+            index = root / schema.index_name(name)
+            index.write_bytes(schema.encode_index(name, digests))
+            records.append({"path": name, "samples": size, "captions": captions_in_shard, "sha256": "",
+                            "index": index.name, "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest()})
         splits[split] = {"motions": sum(sizes), "captions": sum(r["captions"] for r in records), "shards": records}
     manifest = {
         "format_version": schema.FORMAT_VERSION, "corpus": "synthetic", "feature_dim": feature_dim,

@@ -46,12 +46,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"rehamot: {err}", file=sys.stderr)
         return 2
-    from rehamot.data.schema import load_manifest
+    from rehamot.data.schema import ShardSetError, check_shard_files, load_manifest
 
     try:
         manifest = load_manifest(cfg.data.shards)
+        check_shard_files(cfg.data.shards, manifest)
     except FileNotFoundError as err:
         print(f"rehamot: {err}\n(or run `make demo`, which builds the demo shards and trains)", file=sys.stderr)
+        return 2
+    except ShardSetError as err:
+        print(f"rehamot: {err}", file=sys.stderr)
         return 2
     from rehamot.models import check_text_model
 
@@ -68,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "point each at a split with samples", file=sys.stderr)
         return 2
     from rehamot.checkpoint import CheckpointError
+    from rehamot.run_lock import RunDirLocked
     from rehamot.trainer import Trainer  # the heavy stack, after the cheap checks
 
     try:
@@ -77,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             module, function = hook.split(":")
             getattr(importlib.import_module(module), function)(trainer)
         return trainer.run()
-    except CheckpointError as err:
+    except (CheckpointError, RunDirLocked, ShardSetError) as err:
         print(f"rehamot: {err}", file=sys.stderr)
         return 2
     except OSError as err:
