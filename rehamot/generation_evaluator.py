@@ -500,20 +500,13 @@ def read_split(shards: str, split: str) -> tuple[list[str], dict[str, list[str]]
     """(ids, captions per id, raw motion per id) of a shard split, every sample checked."""
     from rehamot.data import EvalSet
     from rehamot.data.pipeline import DataConfig
-    from rehamot.data.reading import BadSample, decode_motion_member, read_members
-    from rehamot.data.schema import MOTION_MEMBER
+    from rehamot.data.reading import read_raw_motions
 
     eval_set = EvalSet(DataConfig(shards=shards, split=split))
     captions: dict[str, list[str]] = {sample_id: [] for sample_id in eval_set.ids}
     for caption in eval_set.captions:
         captions[eval_set.ids[caption.motion]].append(caption.text)
-    motions: dict[str, np.ndarray] = {}
-    for url in eval_set.shard_urls:
-        for raw in read_members(url, frozenset({MOTION_MEMBER})):
-            try:
-                motions[raw["__key__"]] = decode_motion_member(raw[MOTION_MEMBER], eval_set.feature_dim)
-            except BadSample as exn:
-                raise ValueError(f"{url}: sample {raw['__key__']}: {exn}") from exn
+    motions = read_raw_motions(shards, split, eval_set.ids)
     missing = [i for i in eval_set.ids if i not in motions]
     if missing:
         raise ValueError(f"split {split!r}: {len(missing)} motions missing from the shards, e.g. {missing[:3]}")

@@ -109,19 +109,11 @@ def layout_for_feature_dim(feature_dim: int) -> str | None:
 def read_split_joints(shards: str, split: str, ids: Sequence[str], layout: str) -> list[np.ndarray]:
     """Joint positions (T, J, 3) float32 of each motion in `ids`, in that order, from the
     motions' full features as sharded (not the evaluation crop: a page shows the whole clip)."""
-    from rehamot.data import schema
-    from rehamot.data.reading import decode_motion_member, member_url, read_manifest, read_members, split_shards
+    from rehamot.data.reading import read_raw_motions
     from rehamot.kinematics import features_to_joints
 
-    manifest = read_manifest(shards)
-    feature_dim = int(manifest["feature_dim"])
-    wanted = set(ids)
-    joints: dict[str, np.ndarray] = {}
-    for record in split_shards(manifest, split):
-        url = member_url(shards, record["path"])
-        for raw in read_members(url, frozenset({schema.MOTION_MEMBER}), want_key=wanted.__contains__):
-            features = decode_motion_member(raw[schema.MOTION_MEMBER], feature_dim)
-            joints[raw["__key__"]] = features_to_joints(features, layout).astype(np.float32)
+    joints = {motion_id: features_to_joints(features, layout).astype(np.float32)
+              for motion_id, features in read_raw_motions(shards, split, ids).items()}
     missing = [motion_id for motion_id in ids if motion_id not in joints]
     if missing:
         raise ValueError(f"split {split!r}: no motion member for {len(missing)} samples (e.g. {missing[0]})")

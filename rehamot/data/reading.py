@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -165,6 +165,27 @@ def read_members(url: str, members: frozenset[str] | None = None,
                                   select_files=_MemberFilter(members=members, want_key=want_key))
     with closing(samples):
         yield from samples
+
+
+def read_raw_motions(location: str, split: str, ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """The full sharded features of a split's motions (all, or those in `ids`), by id, each
+    checked against its shard's digest index before it is decoded (a mismatch or a corrupt
+    member is a ValueError naming the shard and sample: these readers never skip)."""
+    manifest = read_manifest(location)
+    feature_dim = int(manifest["feature_dim"])
+    wanted = None if ids is None else set(ids)
+    records = split_shards(manifest, split)
+    motions: dict[str, np.ndarray] = {}
+    for record, index in zip(records, load_indexes(location, records)):
+        url = member_url(location, record["path"])
+        keep = None if wanted is None else wanted.__contains__
+        for raw in read_members(url, frozenset({schema.MOTION_MEMBER}), want_key=keep):
+            try:
+                check_digests(index, raw)
+                motions[raw["__key__"]] = decode_motion_member(raw[schema.MOTION_MEMBER], feature_dim)
+            except BadSample as bad:
+                raise ValueError(f"{url}: sample {raw['__key__']}: {bad}") from None
+    return motions
 
 
 def decode_sample(raw: dict[str, Any], feature_dim: int) -> tuple[dict[str, Any], np.ndarray]:

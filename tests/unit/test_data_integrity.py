@@ -313,3 +313,14 @@ def test_skip_reasons_are_one_list():
 
     assert plan.SKIP_REASONS is schema.SKIP_REASONS
     assert {"outside_root", "bad_fps", "digest_mismatch"} <= set(schema.SKIP_REASONS)
+
+
+def test_raw_motions_for_the_index_and_the_generation_evaluator_are_checked(shards):
+    from rehamot.data.reading import read_raw_motions
+
+    test_shards = sorted(shards.glob("test-*.tar"))
+    clean = read_raw_motions(str(shards), "test")
+    assert len(clean) == manifest_of(shards)["splits"]["test"]["motions"]
+    altered = rewrite(test_shards[0], motions_set_to(1e6))
+    with pytest.raises(ValueError, match=f"{test_shards[0].name}: sample {altered[0]}: digest_mismatch"):
+        read_raw_motions(str(shards), "test")
