@@ -41,3 +41,7 @@ TINY_RUN = [
     # an untrained tiny model maps everything close together: 0.75 would drop every negative
     "loss.threshold_motion=0.99", "loss.threshold_text=0.99",
 ]
+# TINY_RUN draws no random number in a step and reads in the main process; the demo config
+# does both (dropout, a loader worker). Resume checks add these, or they could not see a
+# random number drawn outside the training step.
+AS_DEMO_RANDOMNESS = ["model.dropout=0.1", "data.num_workers=1"]

@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from conftest import AS_DEMO_RANDOMNESS, REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +43,11 @@ B, W, STEPS, STEPS_PER_EPOCH = 16, 2, 12, 7
 
 # A tiny motion tower and a 1-layer MiniLM keep each launch to seconds. Thresholds of 0.99:
 # this tiny model's embeddings are so alike that 0.75 would drop every negative (loss 0).
+# Dropout on and a loader worker per rank, as in the demo config: the requeued job must
+# resume exactly while both draw random numbers.
 RUN = [
     "model.d_model=32", "model.layers=1", "model.heads=2", "model.ff=64", "model.embed_dim=64",
-    "model.text_layers=1", "model.dropout=0.0", f"train.batch_size={B}", "data.num_workers=0",
+    "model.text_layers=1", *AS_DEMO_RANDOMNESS, f"train.batch_size={B}",
     "train.log_every=1", "train.schedule=constant", "train.eval_batch_size=64", "train.lr_warmup_steps=0",
     "loss.warmup_steps=2", "loss.warmup_epochs=0", "loss.threshold_motion=0.99", "loss.threshold_text=0.99",
     f"train.max_steps={STEPS}", "train.val_every=100",
