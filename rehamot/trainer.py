@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from rehamot import checkpoint as ckpt
 from rehamot import distributed as dist_utils
 from rehamot import text_cache as feature_cache
 from rehamot.config import Config
+from rehamot.cpu_threads import choose_threads
 from rehamot.data import EvalSet, TrainStream, data_config
 from rehamot.evaluation import encode_split, evaluate_encoded, evaluate_model, print_results, write_eval_figures
 from rehamot.export import WEIGHTS_FILE, export_bundle, find_bundle, load_bundle
@@ -27,7 +29,8 @@ from rehamot.lr_schedule import gated, lr_multiplier
 from rehamot.model_factory import build_model, build_tokenizer, text_config
 from rehamot.models import TextEncoder
 from rehamot.objective import STATS_KEYS, GlobalBatchObjective, stats_vector, summarize_stats
-from rehamot.run_files import new_run_dir, write_run_files
+from rehamot.run_files import choose_run_dir, write_run_files
+from rehamot.run_lock import RunDirLocked, RunLock
 from rehamot.run_log import NullLog, RunLog
 
 PREEMPT_MARKER = "PREEMPT"  # a file in the run dir: save at the next step and exit (SLURM requeue)
@@ -47,6 +50,11 @@ def build_optimizer(model, cfg: Config, total_steps: int):
     return optimizer, scheduler
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of torch's generators for one rank's training step `step` (0-based)."""
+    return random.Random(f"rehamot/step/{seed}/{step}/{rank}").getrandbits(63)
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
@@ -58,11 +66,20 @@ class Trainer:
         if cfg.train.micro_batches > 1 and accel.is_deepspeed(self.acc):
             raise SystemExit(DEEPSPEED_REFUSAL)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        threads, why = choose_threads(cfg.train.threads, cfg.data.num_workers)
+        torch.set_num_threads(threads)
         accel.set_seed(cfg.seed)
-        self.run_dir = Path(accel.broadcast_from_main(str(new_run_dir(cfg)) if self.acc.is_main_process else None,
-                                                      self.acc))
+        run_dir, why = choose_run_dir(cfg) if self.acc.is_main_process else (None, None)
+        if why:
+            print(why, flush=True)
+        self.run_dir_was_looked_up = why is not None  # resume=latest without run.dir: said where
+        self.run_dir = Path(accel.broadcast_from_main(str(run_dir), self.acc))
         cfg.run.dir = str(self.run_dir)
+        self.lock = self.lock_run_dir()
+        self.resume_point = self.find_resume_point()  # checked now: a bad one fails in seconds
         if self.acc.is_main_process:
+            print(f"run directory: {self.run_dir}", flush=True)
+            print(f"CPU threads per process: {threads} ({why})", flush=True)
             write_run_files(self.run_dir, cfg, {
                 "world_size": self.world, "distributed_type": str(self.acc.distributed_type),
                 "mixed_precision": self.acc.mixed_precision,
@@ -90,9 +107,12 @@ class Trainer:
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.best_rsum = -math.inf
         self.skipped_steps = 0
+        self.bad_samples = 0  # samples the loaders skipped, all ranks, whole run
         self.last_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # for batch_similarity.png
-        self.maybe_resume()
-        self.log = RunLog(self.run_dir, self.total_steps, self.step) if self.acc.is_main_process else NullLog()
+        if self.resume_point is not None:
+            self.restore(*self.resume_point)
+        self.log = (RunLog(self.run_dir, self.total_steps, self.step, loss_name=cfg.loss.name)
+                    if self.acc.is_main_process else NullLog())
 
     # -- checkpoints --------------------------------------------------------------------------
     def position(self) -> dict[str, Any]:
@@ -101,32 +121,62 @@ class Trainer:
             "world_size": self.world, "seed": self.cfg.seed, "batch_size": self.cfg.train.batch_size,
             "num_workers": self.cfg.data.num_workers, "shards": self.cfg.data.shards,
             "best_rsum": self.best_rsum if math.isfinite(self.best_rsum) else None,
+            "bad_samples": self.bad_samples,
         }
 
     def save(self) -> Path:
+        bad = [name for name, p in self.acc.unwrap_model(self.model).named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # never write (nor let retention keep in place of a good one) a checkpoint of NaNs
+            raise FloatingPointError(f"non-finite parameters at step {self.step} ({', '.join(bad[:3])}"
+                                     f"{', ...' if len(bad) > 3 else ''}); not saving a checkpoint of them")
         return ckpt.save_checkpoint(
             self.run_dir, self.step, self.position(), self.acc.save_state, self.acc.wait_for_everyone,
             self.acc.is_main_process, keep=self.cfg.train.keep_checkpoints,
         )
 
-    def maybe_resume(self) -> None:
+    def lock_run_dir(self) -> RunLock | None:
+        """The main process takes the run dir's lock; every rank stops if another run holds it."""
+        lock, refusal = None, None
+        if self.acc.is_main_process:
+            try:
+                lock = RunLock.acquire(self.run_dir)
+                if lock.note:
+                    print(lock.note, flush=True)
+            except RunDirLocked as err:
+                refusal = str(err)
+        refusal = accel.broadcast_from_main(refusal, self.acc)
+        if refusal:
+            raise RunDirLocked(refusal)
+        return lock
+
+    def find_resume_point(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint to resume from and its position, or None; refuses a position
+        written under other settings than the data order needs."""
         path = ckpt.resolve_resume(self.cfg.resume, self.run_dir)
         if path is None:
-            return
-        pos = ckpt.read_position(path)
+            if self.cfg.resume == "latest" and not self.run_dir_was_looked_up and self.acc.is_main_process:
+                print(f"resume=latest: no checkpoint in {self.run_dir} yet; starting fresh", flush=True)
+            return None
+        pos = ckpt.read_position(path, required=("step", "epoch", "step_in_epoch", "best_rsum"))
         now = {"world_size": self.world, "batch_size": self.cfg.train.batch_size,
                "num_workers": self.cfg.data.num_workers, "seed": self.cfg.seed}
         changed = {k: (pos.get(k), v) for k, v in now.items() if pos.get(k) != v}
         if changed:
             what = ", ".join(f"{k}={old} then, {new} now" for k, (old, new) in changed.items())
-            raise SystemExit(
+            raise ckpt.CheckpointError(
                 f"resume from {path}: {what}. The data order and the global batch depend on the "
                 "world size, batch size, loader workers and seed, so an exact resume needs the same "
                 "values; relaunch with them (or start a new run from the exported bundle)."
             )
+        return path, pos
+
+    def restore(self, path: Path, pos: dict[str, Any]) -> None:
+        # load_state also restores the RNG states it saved (and only logs when it cannot): they
+        # are not needed, since every step seeds torch from (seed, step, rank) (see `run`).
         self.acc.load_state(str(path))
         self.step, self.epoch, self.step_in_epoch = pos["step"], pos["epoch"], pos["step_in_epoch"]
         self.best_rsum = pos["best_rsum"] if pos["best_rsum"] is not None else -math.inf
+        self.bad_samples = int(pos.get("bad_samples", 0))
         if self.acc.is_main_process:
             print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.step_in_epoch})")
 
@@ -175,7 +225,8 @@ class Trainer:
         features (B, H) stand in for their token ids."""
         inputs = to_device(batch, self.acc.device)
         if self.text_cache is not None:
-            inputs["text_features"] = self.text_cache.lookup(batch["texts"]).to(self.acc.device, non_blocking=True)
+            features = self.text_cache.lookup(batch["texts"], batch["ids"], batch.get("shards"))
+            inputs["text_features"] = features.to(self.acc.device, non_blocking=True)
         return inputs
 
     def forward_towers(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,8 +248,12 @@ class Trainer:
         loss = out.loss
         if unwrapped.logit_scale.requires_grad and out.loss_name != "infonce":
             loss = loss + 0.0 * unwrapped.logit_scale  # SH warm-up before InfoNCE: DDP needs every grad
+        # Non-finite embeddings (from damaged weights, say) can yield a finite, even zero, loss:
+        # the hardest-negative search never picks a NaN score. So they count as non-finite too.
+        finite = bool(torch.isfinite(loss.detach())) and bool(torch.isfinite(motion_emb).all()) \
+            and bool(torch.isfinite(text_emb).all())
         flags = torch.tensor([
-            0.0 if torch.isfinite(loss.detach()) else 1.0,
+            0.0 if finite else 1.0,
             1.0 if (self.run_dir / PREEMPT_MARKER).exists() else 0.0,
             float(batch.get("bad_samples", 0)),
         ], dtype=torch.float64)
@@ -206,13 +261,15 @@ class Trainer:
         summed = dist_utils.all_reduce_sum(torch.cat([stats_vector(out.stats), flags.to(self.acc.device)]))
         stats = summarize_stats(summed[:len(STATS_KEYS)])
         stats.update(zip(("nonfinite", "preempt", "bad_samples"), summed[len(STATS_KEYS):].tolist()))
+        self.bad_samples += int(stats["bad_samples"])
         if stats["nonfinite"] > 0:
             if self.cfg.train.nonfinite == "stop":
                 raise FloatingPointError(f"non-finite loss at step {self.step} on {stats['nonfinite']:.0f} rank(s); "
                                          "stopping (train.nonfinite=stop)")
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_steps += 1
-            return {**stats, "skipped": 1.0, "loss_name": out.loss_name}
+            # a loss computed from non-finite embeddings means nothing: never log it as a number
+            return {**stats, "loss": float("nan"), "skipped": 1.0, "loss_name": out.loss_name}
         if cached is not None:
             backward_through_cache(cached, loss, self.forward_towers, backward=self.acc.backward,
                                    no_sync=lambda: self.acc.no_sync(model),
@@ -232,7 +289,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.micro_batches > 1:
             self.log.print(f"GradCache: {cfg.train.micro_batches} micro-batches of "
-                           f"{cfg.train.batch_size // cfg.train.micro_batches} per step (batch {cfg.train.batch_size} per process)")
+                           f"{cfg.train.batch_size // cfg.train.micro_batches} per step "
+                           f"(batch {cfg.train.batch_size} per process)")
         val_every = cfg.train.val_every or self.steps_per_epoch
         save_every = cfg.train.save_every or self.steps_per_epoch
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -246,6 +304,11 @@ class Trainer:
                     t0 = time.perf_counter()
                     batch = next(it)
                     data_wait += time.perf_counter() - t0
+                    # A step's random numbers (dropout) are a function of (seed, step, rank), not of
+                    # whatever drew from the global RNG between steps (validation, export, a loader
+                    # created mid-epoch by a resume): a resumed run draws what an uninterrupted one
+                    # did, and ranks draw different masks. Seeds the CPU and every CUDA generator.
+                    torch.manual_seed(step_seed(cfg.seed, self.step, self.rank))
                     stats = self.train_step(batch)
                     self.step += 1
                     self.step_in_epoch += 1
@@ -276,8 +339,12 @@ class Trainer:
                 self.validate()
             self.export("final", {"step": self.step})
             self.finish()
+            self.log.print(f"done: {self.run_dir}\nnext: rehamot-eval {self.run_dir} --protocol every   "
+                           f"(every protocol)\n      rehamot-search index {self.run_dir}   (then query, or serve a page)")
         finally:
             self.log.close()
+            if self.lock is not None:
+                self.lock.release()
         return 0
 
     def record(self, stats: dict[str, Any], steps: int, elapsed: float, data_wait: float) -> dict[str, Any]:
@@ -292,7 +359,7 @@ class Trainer:
             "dropped_negatives": stats["dropped"],
             "drop_rate": stats["drop_rate"],
             "skipped_steps": self.skipped_steps,
-            "bad_samples": stats["bad_samples"],
+            "bad_samples": self.bad_samples,
         }
 
     def finish(self) -> None:

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -151,8 +152,14 @@ class TrainStream:
         if workers:
             # A fast tokenizer used before the fork would otherwise warn in every worker.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # Its own generator: creating an iterator draws the workers' base seed from it, not from
+        # the global torch RNG that dropout uses, and that seed is a function of (seed, epoch,
+        # rank) whether the epoch starts at batch 0 or at a resumed run's mid-epoch batch.
+        key = "/".join(map(str, [self.cfg.seed, epoch, self.rank]))
+        generator = torch.Generator().manual_seed(random.Random("rehamot/loader/" + key).getrandbits(63))
         return DataLoader(self.dataset(epoch, start_step), batch_size=None, num_workers=workers,
-                          prefetch_factor=2 if workers else None, persistent_workers=False)
+                          prefetch_factor=2 if workers else None, persistent_workers=False,
+                          generator=generator)
 
 
 class SlotStream(IterableDataset):

@@ -26,9 +26,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import AS_DEMO_RANDOMNESS, REPO, run_cli
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -184,7 +183,8 @@ def test_sbatch_gives_each_node_its_exact_command(tmp_path, variant):
         sweep = tmp_path / "sweep.txt"
         sweep.write_text("loss.name=mh train.lr=1e-4\nloss.name=droptriple train.lr=3e-4\n")
         extra.update(SLURM_ARRAY_JOB_ID="4200", SLURM_ARRAY_TASK_ID="1")
-        args, run_name, overrides = ["configs/demo.yaml", f"@{sweep}"], "rehamot-4200-1", ["loss.name=droptriple", "train.lr=3e-4"]
+        args, run_name = ["configs/demo.yaml", f"@{sweep}"], "rehamot-4200-1"
+        overrides = ["loss.name=droptriple", "train.lr=3e-4"]
     env = slurm_env(tmp_path, fake_accelerate=True, FAKE_ACCELERATE_MODE="done", **extra)
     out = subprocess.run(["bash", str(SBATCH), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -252,7 +252,7 @@ def test_shards_stream_the_same_from_a_url_prefix(demo_shards, prefix):
     local, remote = batches(str(demo_shards)), batches(prefix + str(demo_shards))
     assert len(remote) == STEPS_PER_EPOCH
     assert [b["ids"] for b in remote] == [b["ids"] for b in local]
-    assert all(torch.equal(r["motion"], l["motion"]) for r, l in zip(remote, local))
+    assert all(torch.equal(r["motion"], here["motion"]) for r, here in zip(remote, local))
 
 
 # -- real runs -------------------------------------------------------------------------------------

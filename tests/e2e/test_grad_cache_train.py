@@ -76,7 +76,7 @@ def test_bad_micro_batch_settings_fail_clearly(demo_shards, tmp_path):
     out = run_cli([sys.executable, "rehamot/train.py", "configs/demo.yaml", f"data.shards={demo_shards}",
                    "train.batch_size=16", "train.micro_batches=5"], check=False)
     assert out.returncode == 2
-    assert "train.micro_batches=5: must be >= 1 and divide train.batch_size=16" in out.stderr
+    assert "train.micro_batches=5: must divide train.batch_size=16" in out.stderr
     # DeepSpeed ZeRO: refused at start-up on every rank, before any step.
     env = {"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "REHAMOT_DS_SHM_COMM": "0"}
     out = run_cli([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/zero2.yaml",
