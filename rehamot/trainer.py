@@ -66,7 +66,7 @@ class Trainer:
         if cfg.train.micro_batches > 1 and accel.is_deepspeed(self.acc):
             raise SystemExit(DEEPSPEED_REFUSAL)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        threads, why = choose_threads(cfg.train.threads, cfg.data.num_workers)
+        threads, threads_from = choose_threads(cfg.train.threads, cfg.data.num_workers)
         torch.set_num_threads(threads)
         accel.set_seed(cfg.seed)
         run_dir, why = choose_run_dir(cfg) if self.acc.is_main_process else (None, None)
@@ -79,7 +79,7 @@ class Trainer:
         self.resume_point = self.find_resume_point()  # checked now: a bad one fails in seconds
         if self.acc.is_main_process:
             print(f"run directory: {self.run_dir}", flush=True)
-            print(f"CPU threads per process: {threads} ({why})", flush=True)
+            print(f"CPU threads per process: {threads} ({threads_from})", flush=True)
             write_run_files(self.run_dir, cfg, {
                 "world_size": self.world, "distributed_type": str(self.acc.distributed_type),
                 "mixed_precision": self.acc.mixed_precision,
