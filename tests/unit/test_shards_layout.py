@@ -221,6 +221,8 @@ def test_mean_std_computed_on_train_with_floor(tmp_path):
     assert manifest["std"][7] == pytest.approx(schema.STD_FLOOR)
 
 
+@pytest.mark.skipif(not REAL_SAMPLE.is_dir(), reason="the shared HumanML3D sample is not beside this checkout "
+                                                     "(../shared/fixtures/humanml3d-sample)")
 def test_real_humanml3d_sample_round_trips(tmp_path):
     """The one real motion (012314) and the real Mean/Std; the caption is ours (the public
     repository has no caption file for it)."""
