@@ -403,6 +403,10 @@ def _checked_text(text: str) -> str:
         raise SearchError("empty query: give a description to search for, e.g. \"a person jumps twice\"")
     if len(text) > MAX_QUERY_CHARS:
         raise SearchError(f"query of {len(text)} characters: at most {MAX_QUERY_CHARS}")
+    try:
+        text.encode("utf-8")  # bytes that were not UTF-8 reach us as lone surrogates (argv)
+    except UnicodeEncodeError:
+        raise SearchError("the query is not valid UTF-8 text") from None
     return text.strip()
 
 

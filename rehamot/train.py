@@ -31,6 +31,16 @@ def split_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return config_path, overrides
 
 
+def _collective_failure(err: RuntimeError) -> bool:
+    """A collective that timed out or lost its peer (gloo / NCCL), as opposed to a bug."""
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return any(sign in text for sign in ("timed out", "timeout", "connection closed", "connection reset", "gloo", "nccl"))
+
+
 def usage() -> str:
     return f"{__doc__.strip()}\n\nConfig keys (key=default, then what it does):\n{options_help()}\n"
 
@@ -85,6 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, RunDirLocked, ShardSetError) as err:
         print(f"rehamot: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if not _collective_failure(err):
+            raise
+        rank = os.environ.get("RANK", "0")
+        print(f"rehamot: rank {rank}: a collective with the other ranks failed after waiting up to "
+              f"train.collective_timeout_s={cfg.train.collective_timeout_s} s: another rank died or hangs "
+              f"(its log says which and why) ({str(err).splitlines()[0][:160]})", file=sys.stderr)
+        return 3
     except OSError as err:
         if err.filename is None:  # not about a file: a real failure, keep its traceback
             raise

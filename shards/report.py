@@ -60,12 +60,22 @@ def accounting_line(manifest: dict[str, Any]) -> str:
             f"{acc['samples']} samples (sub-clips included)")
 
 
+def empty_split_lines(manifest: dict[str, Any]) -> list[str]:
+    """What training will do about each standard split without samples."""
+    splits = manifest.get("splits", {})
+    return [f"split {split!r} has no samples: training refuses to start while data.{split}_split "
+            f"names it; point data.{split}_split at a split with samples (or add some)"
+            for split in ("train", "val", "test") if not splits.get(split, {}).get("motions")]
+
+
 def print_summary(manifest: dict[str, Any], shard_dir: Path | None = None,
                   console: Console | None = None) -> None:
     console = console or Console()
     for table in summary_tables(manifest, shard_dir):
         console.print(table)
     console.print(accounting_line(manifest))
+    for line in empty_split_lines(manifest):
+        console.print(f"[bold yellow]warning:[/] {line}", highlight=False)
     console.print(f"mean/std: {manifest['mean_std_source']}")
     findings = hygiene_lines(manifest.get("hygiene", {}))
     if findings:

@@ -49,7 +49,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from rehamot.config import Config, build_component
+from rehamot.config import Config, DataSection, TrainSection, build_component
 from rehamot.data import schema
 from rehamot.data.collate import Tokenizer, collate_pairs
 from rehamot.data.motion import normalize, random_window
@@ -71,17 +71,19 @@ from rehamot.data.reading import (
 
 @dataclass
 class DataConfig:
+    """The loader's settings; the defaults are the schema's (rehamot.config), written there once."""
+
     shards: str  # directory or URL prefix holding manifest.json and the tars it names
     split: str = "train"
-    batch_size: int = 32  # per rank
-    num_workers: int = 2  # loader worker processes per rank (0: read in the main process)
-    min_len: int | None = None  # shortest random window; None: min(T, max_len), no shortening
-    max_len: int = 196  # frames; longer motions are cropped (training: random, eval: first)
-    shuffle_buffer: int = 1000  # samples held per worker for shuffling; 0 or 1: no shuffle
-    seed: int = 1234
-    strict: bool = False  # raise on a bad sample (digest mismatch included) instead of skipping it
-    max_text_len: int = 64  # tokens
-    length_buckets: int = 0  # n > 1: sort each pool of n batches by length (see batches())
+    batch_size: int = TrainSection.batch_size  # per rank
+    num_workers: int = DataSection.num_workers  # loader worker processes per rank (0: the main process)
+    min_len: int | None = DataSection.min_len  # shortest random window; None: min(T, max_len)
+    max_len: int = DataSection.max_len  # frames; longer motions are cropped (training: random, eval: first)
+    shuffle_buffer: int = DataSection.shuffle_buffer  # samples held per worker; 0 or 1: no shuffle
+    seed: int = Config.seed
+    strict: bool = DataSection.strict  # raise on a bad sample (digest mismatch included) instead of skipping it
+    max_text_len: int = DataSection.max_text_len  # tokens
+    length_buckets: int = DataSection.length_buckets  # n > 1: sort each pool of n batches by length
 
     def __post_init__(self) -> None:
         if (self.batch_size < 1 or self.num_workers < 0 or self.seed < 0 or self.max_len < 1

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rehamot.config import ModelSection
 from rehamot.models.length_chunks import auto_chunks, run_by_length
 
 NESTED_TENSOR_WARNING = "The PyTorch API of nested tensors is in prototype stage"
@@ -38,18 +39,22 @@ NESTED_TENSOR_WARNING = "The PyTorch API of nested tensors is in prototype stage
 
 @dataclass
 class MotionEncoderConfig:
-    feature_dim: int = 263  # HumanML3D; KIT-ML is 251
-    d_model: int = 256
-    layers: int = 3
-    heads: int = 4
-    ff: int = 1024
-    dropout: float = 0.1
-    activation: str = "gelu"
+    """The tower's settings; the defaults are the schema's (rehamot.config), written there once."""
+
+    feature_dim: int = 263  # HumanML3D; KIT-ML is 251 (training takes it from the manifest)
+    d_model: int = ModelSection.d_model
+    layers: int = ModelSection.layers
+    heads: int = ModelSection.heads
+    ff: int = ModelSection.ff
+    dropout: float = ModelSection.dropout
+    activation: str = ModelSection.activation
     max_len: int = 512  # positions, the summary token's included: at most max_len - 1 frames
-    embed_dim: int = 1024
+    embed_dim: int = ModelSection.embed_dim
     # Training runs the batch as this many groups of rows sorted by length, each trimmed to
     # its own longest motion (same embeddings, less padding: see MotionEncoder.summary).
-    length_chunks: int = 1  # 0 = auto: CPU_LENGTH_CHUNKS on CPU, 1 (off) on accelerators
+    # Standalone default off; training passes model.length_chunks (0 = auto: CPU_LENGTH_CHUNKS on
+    # CPU, 1 (off) on accelerators)
+    length_chunks: int = 1
 
 
 def sinusoidal_positions(max_len: int, dim: int) -> Tensor:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rehamot.checksums import sha256_file
+from rehamot.config import DataSection, ModelSection
 from rehamot.models.length_chunks import auto_chunks, run_by_length
 
 CPU_TEXT_LENGTH_CHUNKS = 4  # padded/real tokens 1.83 -> 1.18 on the demo captions at batch 32
@@ -50,14 +51,17 @@ TOKENIZER_FILES = (
 
 @dataclass
 class TextEncoderConfig:
-    model: str | None = None  # None = the embedded all-MiniLM-L6-v2; else a local dir or hub name
-    pooling: str = "auto"  # "auto" follows the model: mean for sentence-transformers, else [CLS]
-    finetune: bool = False
-    embed_dim: int = 1024
-    num_layers: int | None = None  # keep only the first N layers (fast tests)
-    max_length: int = 64  # tokens per caption, [CLS]/[SEP] included
-    dropout: float | None = None  # None keeps the model's own; only matters when fine-tuning
-    length_chunks: int = 1  # length-sorted row groups per backbone call; 0 = auto (4 on CPU, 1 elsewhere)
+    """The tower's settings; the defaults are the schema's (rehamot.config), written there once."""
+
+    model: str | None = ModelSection.text_model  # None = the embedded all-MiniLM-L6-v2
+    pooling: str = ModelSection.pooling  # "auto" follows the model: mean for sentence-transformers, else [CLS]
+    finetune: bool = ModelSection.finetune_lm
+    embed_dim: int = ModelSection.embed_dim
+    num_layers: int | None = ModelSection.text_layers  # keep only the first N layers (fast tests)
+    max_length: int = DataSection.max_text_len  # tokens per caption, [CLS]/[SEP] included
+    dropout: float | None = ModelSection.text_dropout  # None keeps the model's own (fine-tuning only)
+    # Standalone default off; training passes model.text_length_chunks (0 = auto: 4 on CPU, 1 elsewhere)
+    length_chunks: int = 1
 
 
 def _offline() -> bool:

@@ -328,3 +328,5 @@ def test_killed_node_fails_the_other_within_the_timeout(demo_shards, tmp_path):
     assert code != 0
     assert waited < timeout_s + 15, f"the surviving node needed {waited:.0f} s to fail"
     assert not (run_dir / "DONE").exists()
+    survivor = (tmp_path / "node0.log").read_text()
+    assert "rehamot: rank 0: a collective with the other ranks failed" in survivor  # names itself

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_RUN, run_cli
+from conftest import REPO, TINY_RUN, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -242,6 +242,13 @@ def test_search_errors_are_one_line(indexed, run_dir, tmp_path):
         assert out.returncode == 2, args
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(message), out.stderr
+    import os
+    import subprocess
+
+    latin1 = subprocess.run([sys.executable, "rehamot/search.py", "query", str(run_dir), b"caf\xe9 jump"],
+                            cwd=REPO, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert latin1.returncode == 2
+    assert latin1.stderr.decode().strip().splitlines() == ["search: the query is not valid UTF-8 text"]
 
 
 # --------------------------------------------------------------------------- motions as queries

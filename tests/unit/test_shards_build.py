@@ -164,3 +164,13 @@ def test_demo_command(tmp_path):
     assert (out / "source" / "new_joint_vecs").is_dir()
     assert manifest["accounting"]["motions"]["named"] == 40
     assert main(["verify", str(out)]) == 0
+
+
+def test_the_summary_warns_about_a_split_without_samples():
+    from shards.report import empty_split_lines
+
+    manifest = {"splits": {"train": {"motions": 5}, "test": {"motions": 0}}}
+    lines = empty_split_lines(manifest)
+    assert [line.split("'")[1] for line in lines] == ["val", "test"]
+    assert "training refuses to start while data.val_split names it" in lines[0]
+    assert empty_split_lines({"splits": {s: {"motions": 1} for s in ("train", "val", "test")}}) == []
