@@ -98,6 +98,7 @@ def test_a_final_bundle_with_other_weights_gets_its_own_statistics(run_dir, spli
     evaluated one (here final/ with perturbed motion-tower weights)."""
     from safetensors.numpy import load_file, save_file
 
+    from rehamot.checksums import write_checksums
     from rehamot.data import EvalSet
     from rehamot.data.pipeline import DataConfig
     from rehamot.generation_evaluator import Evaluator, FidStats, save_run_fid_stats
@@ -110,6 +111,7 @@ def test_a_final_bundle_with_other_weights_gets_its_own_statistics(run_dir, spli
     for key in [k for k in weights if k.startswith("motion.")][:4]:
         weights[key] = weights[key] + 0.5 * rng.normal(size=weights[key].shape).astype(np.float32)
     save_file(weights, str(run / "final" / "model.safetensors"))
+    write_checksums(run / "final")  # as an export of those weights would have
     motions = [split["motions"][i] for i in split["ids"]]
     best_emb = Evaluator.load(run / "best", device="cpu").embed_motions(motions)
     written = save_run_fid_stats(run, run / "best", best_emb, EvalSet(DataConfig(shards=str(demo_shards), split="test")),
