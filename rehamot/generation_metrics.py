@@ -150,11 +150,19 @@ def frechet_distance(emb_a, emb_b) -> float:
     for name, emb in (("emb_a", a), ("emb_b", b)):
         if emb.shape[0] < 2:
             raise ValueError(f"{name} needs at least 2 rows to estimate a covariance, got {emb.shape[0]}")
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     # atleast_2d: np.cov of a single column is 0-D
-    sigma_a = np.atleast_2d(np.cov(a, rowvar=False))
-    sigma_b = np.atleast_2d(np.cov(b, rowvar=False))
+    return frechet_distance_of_gaussians(a.mean(axis=0), np.atleast_2d(np.cov(a, rowvar=False)),
+                                         b.mean(axis=0), np.atleast_2d(np.cov(b, rowvar=False)))
 
+
+def frechet_distance_of_gaussians(mu_a, sigma_a, mu_b, sigma_b) -> float:
+    """The Fréchet distance of two fitted Gaussians (means (D,), covariances (D, D)); what
+    `frechet_distance` computes after fitting, usable on saved statistics."""
+    mu_a, mu_b = np.asarray(mu_a, np.float64), np.asarray(mu_b, np.float64)
+    sigma_a, sigma_b = np.asarray(sigma_a, np.float64), np.asarray(sigma_b, np.float64)
+    if mu_a.shape != mu_b.shape or sigma_a.shape != sigma_b.shape or sigma_a.shape != mu_a.shape * 2:
+        raise ValueError(f"Gaussians of different dimensions: means {mu_a.shape} and {mu_b.shape}, "
+                         f"covariances {sigma_a.shape} and {sigma_b.shape}")
     covmean = _sqrtm_of_product(sigma_a, sigma_b)
     if not np.isfinite(covmean).all():
         warnings.warn(

@@ -25,6 +25,19 @@ def run_cli(args: list[str], timeout: float = 600, env: dict[str, str] | None = 
     return proc
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process encoding with one thread, like the subprocesses (OMP_NUM_THREADS=1): on shared
+    cores, torch's second thread waits for a busy core at every op and makes small models
+    several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> Path:
     """A small demo corpus (300 motions) sharded once for the whole test session."""

@@ -10,21 +10,10 @@ import numpy as np
 import pytest
 from conftest import TINY_RUN, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 BATCH = "8"  # the demo test split has 31 motions: 3 R-precision groups of 8
 REPEATS = "3"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """In-process encoding with one thread, like the subprocesses (shared cores)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

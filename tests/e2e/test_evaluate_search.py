@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY_RUN, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 TINY = [*TINY_RUN]
 THRESHOLD_PROTOCOL = "tmr-threshold(MiniLM)"
@@ -18,18 +18,6 @@ THRESHOLD_PROTOCOL = "tmr-threshold(MiniLM)"
 
 def py(script: str, *args: str, check: bool = True):
     return run_cli([sys.executable, script, *args], check=check)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """In-process encoding like the subprocesses (OMP_NUM_THREADS=1): on shared cores, torch's
-    second thread waits for a busy core at every op and makes small models several times slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -21,25 +21,13 @@ import numpy as np
 import pytest
 from conftest import REPO, TINY_RUN, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 QUERY = "a person jumps twice"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # What a closed network needs: no first-run, sync, component or other background traffic.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """In-process CLI calls like the server (OMP_NUM_THREADS=1): same arithmetic, and on shared
-    cores a second torch thread only waits."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +259,6 @@ def test_clicking_a_hit_shows_it_with_more_like_this(server, page):
     wait_for_hits(page, "#similar", 6)
     page.keyboard.press("Escape")
     page.wait_for_selector("#detail:not([open])", state="attached")
-
 
 
 def test_a_new_search_gets_its_own_link(server, page):
