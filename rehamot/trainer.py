@@ -250,15 +250,15 @@ class Trainer:
             loss = loss + 0.0 * unwrapped.logit_scale  # SH warm-up before InfoNCE: DDP needs every grad
         # Non-finite embeddings (from damaged weights, say) can yield a finite, even zero, loss:
         # the hardest-negative search never picks a NaN score. So they count as non-finite too.
-        finite = bool(torch.isfinite(loss.detach())) and bool(torch.isfinite(motion_emb).all()) \
-            and bool(torch.isfinite(text_emb).all())
-        flags = torch.tensor([
-            0.0 if finite else 1.0,
+        # Kept on the device: no host sync before the step's one all-reduce.
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(motion_emb).all() & torch.isfinite(text_emb).all()
+        host_flags = torch.tensor([
             1.0 if (self.run_dir / PREEMPT_MARKER).exists() else 0.0,
             float(batch.get("bad_samples", 0)),
         ], dtype=torch.float64)
+        flags = torch.cat([(~finite).to(torch.float64).reshape(1), host_flags.to(self.acc.device)])
         # ONE all-reduce per step carries the loss statistics and the flags all ranks must agree on.
-        summed = dist_utils.all_reduce_sum(torch.cat([stats_vector(out.stats), flags.to(self.acc.device)]))
+        summed = dist_utils.all_reduce_sum(torch.cat([stats_vector(out.stats), flags]))
         stats = summarize_stats(summed[:len(STATS_KEYS)])
         stats.update(zip(("nonfinite", "preempt", "bad_samples"), summed[len(STATS_KEYS):].tolist()))
         self.bad_samples += int(stats["bad_samples"])
