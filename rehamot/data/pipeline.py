@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from rehamot.config import Config, DataSection, TrainSection, build_component
 from rehamot.data import schema
 from rehamot.data.collate import Tokenizer, collate_pairs
-from rehamot.data.motion import normalize, random_window
+from rehamot.data.motion import random_window
 from rehamot.data.plan import SlotPlan, plan_epoch, steps_per_epoch
 from rehamot.data.reading import (
     BadSample,
@@ -148,7 +148,7 @@ class TrainStream:
             raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
         return SlotStream(self, epoch, start_step)
 
-    def loader(self, epoch: int, start_step: int = 0) -> DataLoader:
+    def loader(self, epoch: int, start_step: int = 0) -> EpochBatches:
         """Yields exactly steps_per_epoch - start_step full batches, in step order."""
         workers = self.cfg.num_workers
         if workers:
@@ -159,9 +159,37 @@ class TrainStream:
         # rank) whether the epoch starts at batch 0 or at a resumed run's mid-epoch batch.
         key = "/".join(map(str, [self.cfg.seed, epoch, self.rank]))
         generator = torch.Generator().manual_seed(random.Random("rehamot/loader/" + key).getrandbits(63))
-        return DataLoader(self.dataset(epoch, start_step), batch_size=None, num_workers=workers,
-                          prefetch_factor=2 if workers else None, persistent_workers=False,
-                          generator=generator)
+        # collate_fn: batches cross as built (the default would turn every array into a tensor
+        # of its own shared-memory segment, ~0.4 ms each per batch)
+        return EpochBatches(DataLoader(
+            self.dataset(epoch, start_step), batch_size=None, num_workers=workers,
+            prefetch_factor=2 if workers else None, persistent_workers=False,
+            generator=generator, collate_fn=_as_built))
+
+
+def _as_built(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch
+
+
+class EpochBatches:
+    """The DataLoader of an epoch, its batches' arrays made tensors again in the trainer.
+
+    A loader worker sends the padded motions as one shared-memory tensor and the small arrays
+    (masks, lengths, ids, tokens: a few KB) inside the pickled batch, where a shared-memory
+    segment each would cost more than their bytes; here they become tensors without a copy.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            # unpickled arrays are read-only views of the message: a copy of a few KB each
+            yield {key: torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
+                   for key, value in batch.items()}
 
 
 class SlotStream(IterableDataset):
@@ -206,6 +234,7 @@ class _SlotReader:
         (paper size, n = 8, B = 32: ~35 MB; B = 512: ~0.5 GB per loader worker).
         """
         cfg, size = self.cfg, self.cfg.batch_size
+        in_worker = get_worker_info() is not None
         num_batches = len(self.slot.batches)
         samples = itertools.islice(self._good_samples(), num_batches * size)
         if cfg.shuffle_buffer > 1:
@@ -226,7 +255,11 @@ class _SlotReader:
                     self.bad_since_batch = 0
                     continue
                 items = [self._item(pool[row][1], draws[row]) for row in rows]
-                batch = collate_pairs(items, self.stream.tokenizer, cfg.max_text_len)
+                batch = collate_pairs(items, self.stream.tokenizer, cfg.max_text_len,
+                                      self.stream.mean, self.stream.std, shared=in_worker)
+                if in_worker:  # see EpochBatches
+                    batch = {key: value.numpy() if isinstance(value, torch.Tensor)
+                             and key != "motion" else value for key, value in batch.items()}
                 batch["step"], batch["bad_samples"] = self.slot.batches[local], self.bad_since_batch
                 self.bad_since_batch = 0
                 yield batch
@@ -254,8 +287,7 @@ class _SlotReader:
               ) -> dict[str, Any]:
         (meta, motion), (caption_index, start, length) = sample, draw
         caption = meta["captions"][caption_index]
-        window = motion[start : start + length]
-        return {"motion": normalize(window, self.stream.mean, self.stream.std),
+        return {"motion": motion[start : start + length],  # normalised as it is collated
                 "id": meta["id"], "caption_id": caption["caption_id"], "text": caption["text"],
                 "shard": meta["__shard__"]}
 

@@ -23,6 +23,7 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from rehamot.data import schema
+from rehamot.data.tar_stream import open_samples
 
 log = logging.getLogger("rehamot.data")
 
@@ -119,7 +120,7 @@ def check_digests(index: schema.ShardIndex, raw: dict[str, Any], position: int |
 
 
 class _MemberFilter:
-    """select_files predicate for tar_file_iterator: members of the samples wanted, read
+    """select predicate for tar_stream.open_samples (webdataset's select_files): members of the samples wanted, read
     without touching the data of the others (their bytes are skipped, never decoded).
 
     Drops the first `skip` samples (a segment starting inside a shard), samples whose key
@@ -149,7 +150,7 @@ def read_segment(url: str, first: int = 0, stop: int | None = None
     Errors of the tar itself (missing file, truncation) propagate: the caller decides whether
     the rest of the segment is lost or fatal.
     """
-    samples = wds.tarfile_samples(iter([{"url": url}]), select_files=_MemberFilter(skip=first))
+    samples = open_samples(url, _MemberFilter(skip=first))
     with closing(samples):
         for position, raw in enumerate(samples, start=first):
             if stop is not None and position >= stop:
@@ -161,8 +162,7 @@ def read_members(url: str, members: frozenset[str] | None = None,
                  want_key: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples of a whole shard restricted to some members and/or keys (the data of the
     others is skipped unread). A sample with none of the members is not yielded."""
-    samples = wds.tarfile_samples(iter([{"url": url}]),
-                                  select_files=_MemberFilter(members=members, want_key=want_key))
+    samples = open_samples(url, _MemberFilter(members=members, want_key=want_key))
     with closing(samples):
         yield from samples
 
