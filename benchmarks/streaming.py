@@ -1,75 +1,133 @@
-"""Streaming throughput: samples/s from tar shards to collated, tokenised training batches.
+"""Streaming throughput: samples/s from tar shards to collated training batches, per loader worker.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/streaming.py [--shards DIR] [--workers 0 1 2]
+    .venv/bin/python benchmarks/streaming.py --shards data/demo --baseline 26891ea
 
-Without --shards it writes a synthetic HumanML3D-shaped shard set (263 features, 40-200
-frames at 20 fps, the demo corpus's range; 1-4 captions per motion; common.py's
-write_synthetic_shards) to a temporary folder.
-Prints a markdown table: per worker count, the time to the first batch, the steady rate
-(after the first batch), samples/s per worker, and the time to the first batch when resuming
-at mid-epoch (which reads and decodes, but does not crop or tokenise, the skipped half).
+Each measurement is a fresh process (this script with --measure) that builds the training
+stream of one rank and reads whole epochs: the time to the first batch, the steady rate after
+it (median over --epochs epochs), samples/s per loader worker, and the time to the first
+batch when resuming at mid-epoch. Batches are tokenised with the packaged MiniLM tokenizer
+(the fine-tuned-LM path); `--text cached` measures the frozen-LM path, whose batches carry no
+tokens (the trainer looks the captions up in the text cache).
+
+`--baseline REV` measures a git revision of this repository side by side, in alternating
+rounds: its tree is extracted to a temporary folder (git archive) and put first on PYTHONPATH,
+so `import rehamot` is that revision's. Without --shards a synthetic HumanML3D-shaped shard
+set is written (263 features, 40-200 frames, 1-4 captions; common.write_synthetic_shards).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from common import minilm_tokenizer, write_synthetic_shards
-
-from rehamot.data.pipeline import DataConfig, TrainStream
+from common import REPO, command_line, minilm_tokenizer, require_shards, run_worker, worker_env, write_synthetic_shards
 
 
-def measure(cfg: DataConfig, tokenizer, epoch: int) -> dict[str, float]:
-    stream = TrainStream(cfg, tokenizer, 0, 1)
+def measure(shards: str, workers: int, batch_size: int, epochs: int, tokenised: bool) -> dict[str, Any]:
+    """One arm, in this process: the rehamot on sys.path is the one measured."""
+    from rehamot.data.pipeline import DataConfig, TrainStream
+
+    cfg = DataConfig(shards, batch_size=batch_size, num_workers=workers, max_text_len=64)
+    stream = TrainStream(cfg, minilm_tokenizer() if tokenised else None, 0, 1)
+    rates, firsts = [], []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        first, count = None, 0
+        for batch in stream.loader(epoch):
+            if first is None:
+                first = time.perf_counter()
+            count += len(batch["ids"])
+        rates.append((count - batch_size) / (time.perf_counter() - first))
+        firsts.append(first - start)
     start = time.perf_counter()
-    first = None
-    count = 0
-    for batch in stream.loader(epoch):
-        if first is None:
-            first = time.perf_counter()
-        count += len(batch["ids"])
-    end = time.perf_counter()
-    resume_start = time.perf_counter()
-    next(iter(stream.loader(epoch, start_step=stream.steps_per_epoch // 2)))
-    resume = time.perf_counter() - resume_start
-    steady = (count - cfg.batch_size) / (end - first)
-    return {"samples": count, "first_s": first - start, "steady": steady,
-            "per_worker": steady / max(cfg.num_workers, 1), "resume_s": resume}
+    next(iter(stream.loader(epochs, start_step=stream.steps_per_epoch // 2)))
+    resume = time.perf_counter() - start
+    steady = statistics.median(rates)
+    return {"samples": count, "steady": steady, "per_worker": steady / max(workers, 1),
+            "first_s": statistics.median(firsts), "resume_s": resume}
+
+
+def extract(revision: str, into: Path) -> Path:
+    """The tree of `revision` of this repository, as files under `into`."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--shards", help="an existing shard directory (default: synthetic)")
-    parser.add_argument("--motions", type=int, default=2048)
-    parser.add_argument("--shard-count", type=int, default=8)
+    parser.add_argument("--baseline", help="a git revision to measure side by side")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 0])
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of every arm")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per measurement (median rate)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--max-text-len", type=int, default=64)
+    parser.add_argument("--text", choices=("tokenised", "cached"), default="tokenised")
+    parser.add_argument("--motions", type=int, default=2048, help="synthetic shard set size")
+    parser.add_argument("--shard-count", type=int, default=8, help="synthetic shard count")
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = minilm_tokenizer()
+    if args.measure:
+        result = measure(args.shards, args.workers[0], args.batch_size, args.epochs, args.text == "tokenised")
+        Path(args.result).write_text(json.dumps(result))
+        return
+
+    print(command_line())
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards
         if shards is None:
             per = args.motions // args.shard_count
             sizes = [per + (i < args.motions % args.shard_count) for i in range(args.shard_count)]
-            written = time.perf_counter()
-            write_synthetic_shards(Path(tmp), {"train": sizes}, feature_dim=263, frames=(40, 200))
-            print(f"wrote {args.motions} synthetic motions in {args.shard_count} shards "
-                  f"({time.perf_counter() - written:.1f} s)\n")
-            shards = tmp
-        print("| workers | samples | first batch (s) | samples/s | samples/s per worker "
+            Path(tmp, "shards").mkdir()
+            write_synthetic_shards(Path(tmp) / "shards", {"train": sizes}, feature_dim=263, frames=(40, 200))
+            shards = str(Path(tmp) / "shards")
+            print(f"synthetic shards: {args.motions} motions in {args.shard_count} shards")
+        require_shards(shards)
+        arms = {"ours": str(REPO)}
+        if args.baseline:
+            baseline = Path(tmp, "baseline")
+            baseline.mkdir()
+            arms = {f"baseline {args.baseline}": str(extract(args.baseline, baseline)), **arms}
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        load = [os.getloadavg()[0]]
+        for _ in range(args.rounds):
+            for workers in args.workers:
+                for arm, root in arms.items():
+                    env = {**worker_env(1), "PYTHONPATH": root}
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", "--shards", shards,
+                           "--workers", str(workers), "--batch-size", str(args.batch_size),
+                           "--epochs", str(args.epochs), "--text", args.text]
+                    result, _ = run_worker(cmd, env, f"{arm}, {workers} workers")
+                    runs.setdefault((arm, workers), []).append(result)
+            load.append(os.getloadavg()[0])
+        print(f"shards {shards}, batch {args.batch_size}, text {args.text}, {args.rounds} rounds x "
+              f"{args.epochs} epochs, load average {min(load):.1f}-{max(load):.1f}\n")
+        print("| loader workers | arm | samples/s per worker (each round) | median | first batch (s) "
               "| resume to mid-epoch (s) |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for epoch, workers in enumerate(args.workers):
-            cfg = DataConfig(shards, batch_size=args.batch_size, num_workers=workers,
-                             max_text_len=args.max_text_len)
-            r = measure(cfg, tokenizer, epoch)
-            print(f"| {workers} | {r['samples']} | {r['first_s']:.2f} | {r['steady']:.0f} "
-                  f"| {r['per_worker']:.0f} | {r['resume_s']:.2f} |")
+        print("|---:|---|---|---:|---:|---:|")
+        for workers in args.workers:
+            for arm in arms:
+                rs = runs[arm, workers]
+                per = [r["per_worker"] for r in rs]
+                print(f"| {workers} | {arm} | {' / '.join(f'{p:,.0f}' for p in per)} "
+                      f"| {statistics.median(per):,.0f} | {statistics.median(r['first_s'] for r in rs):.3f} "
+                      f"| {statistics.median(r['resume_s'] for r in rs):.2f} |")
+        if args.baseline:
+            print()
+            for workers in args.workers:
+                ours = statistics.median(r["per_worker"] for r in runs["ours", workers])
+                base = statistics.median(r["per_worker"] for r in runs[f"baseline {args.baseline}", workers])
+                print(f"{workers} workers: ours / baseline = {ours / base:.2f}x")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ Tokenisation runs here, i.e. inside the loader workers, not in the model's forwa
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,44 +24,35 @@ def motion_index(sample_id: str) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def shared_zeros(shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 tensor of zeros allocated in shared memory.
-
-    A loader worker hands its batches to the trainer through shared memory; a tensor built in
-    private memory is copied into a fresh segment on the way (one more pass over ~200 KB per
-    sample, and the fresh segment's page faults). Built there directly, it is written once. A
-    new segment is zero-filled by the kernel; `share_memory_` is the public fallback.
-    """
-    count = math.prod(shape)
-    try:
-        storage = torch.UntypedStorage._new_shared(count * 4)
-        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
-    except (AttributeError, TypeError, RuntimeError):
-        return torch.zeros(shape, dtype=torch.float32).share_memory_()
-
-
 def pad_motions(motions: Sequence[np.ndarray], mean: np.ndarray | None = None,
-                std: np.ndarray | None = None, shared: bool = False) -> dict[str, torch.Tensor]:
+                std: np.ndarray | None = None, out: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
     """Zero-pad (T_i, F) motions to (B, T_max, F) float32; motion_mask is True on real frames.
 
     With `mean` and `std` (float32, F) each motion is z-normalised on its way into the padded
     buffer: the same float32 operations as motion.normalize, without a temporary per motion.
-    `shared`: the buffer is allocated in shared memory (a loader worker's batch).
+    `out`: the (B, T_max, F) float32 tensor to fill, every element written (a loader worker's
+    shared-memory slot); a new one when None.
     """
     if not motions:
         raise ValueError("cannot collate an empty batch")
     lengths = torch.tensor([m.shape[0] for m in motions], dtype=torch.int64)
     shape = (len(motions), int(lengths.max()), motions[0].shape[1])
-    out = shared_zeros(shape) if shared else torch.zeros(shape, dtype=torch.float32)
+    if out is None:
+        out = torch.zeros(shape, dtype=torch.float32)
+    elif tuple(out.shape) != shape or out.dtype != torch.float32:
+        raise ValueError(f"out is {out.dtype} {tuple(out.shape)}, the batch needs float32 {shape}")
     padded = out.numpy()
     for row, motion in enumerate(motions):
-        rows = padded[row, : motion.shape[0]]
+        frames = motion.shape[0]
+        rows = padded[row, :frames]
         if mean is None or std is None:
             rows[...] = motion
         else:
             np.subtract(motion.astype(np.float32, copy=False), mean, out=rows)
             np.divide(rows, std, out=rows)
-    mask = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
+        padded[row, frames:] = 0.0
+    mask = torch.arange(shape[1])[None, :] < lengths[:, None]
     return {"motion": out, "motion_mask": mask, "lengths": lengths}
 
 
@@ -80,17 +70,17 @@ def tokenize(tokenizer: Tokenizer, texts: Sequence[str], max_length: int
 
 def collate_pairs(
     items: Sequence[dict[str, Any]], tokenizer: Tokenizer | None, max_text_len: int,
-    mean: np.ndarray | None = None, std: np.ndarray | None = None, shared: bool = False,
+    mean: np.ndarray | None = None, std: np.ndarray | None = None, out: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Items {motion (T,F), id, caption_id, text[, shard]} -> one training batch dict.
 
     Keys: motion, motion_mask, lengths, motion_index, ids, caption_ids, texts, shards (each
     item's shard file name, None when not given) and, when a tokenizer is given, input_ids and
     attention_mask. Without one (precomputed text features) the caption ids identify the texts.
-    With `mean` and `std` the motions are normalised as they are padded, into shared memory
-    with `shared` (pad_motions).
+    With `mean` and `std` the motions are normalised as they are padded, into `out` when given
+    (pad_motions).
     """
-    batch: dict[str, Any] = pad_motions([item["motion"] for item in items], mean, std, shared)
+    batch: dict[str, Any] = pad_motions([item["motion"] for item in items], mean, std, out)
     ids = [item["id"] for item in items]
     batch["motion_index"] = torch.tensor([motion_index(i) for i in ids], dtype=torch.int64)
     batch["ids"] = ids

@@ -37,6 +37,7 @@ Do not pass these loaders through accelerator.prepare: it would re-split or re-s
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import random
@@ -51,6 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rehamot.config import Config, DataSection, TrainSection, build_component
 from rehamot.data import schema
+from rehamot.data.batch_ring import RING_KEY, BatchRing, RingWriter
 from rehamot.data.collate import Tokenizer, collate_pairs
 from rehamot.data.motion import random_window
 from rehamot.data.plan import SlotPlan, plan_epoch, steps_per_epoch
@@ -67,6 +69,8 @@ from rehamot.data.reading import (
     read_segment,
     split_shards,
 )
+
+PREFETCH = 2  # batches each loader worker prepares ahead (the DataLoader's prefetch_factor)
 
 
 @dataclass
@@ -161,32 +165,48 @@ class TrainStream:
         generator = torch.Generator().manual_seed(random.Random("rehamot/loader/" + key).getrandbits(63))
         # collate_fn: batches cross as built (the default would turn every array into a tensor
         # of its own shared-memory segment, ~0.4 ms each per batch)
+        dataset = self.dataset(epoch, start_step)
         return EpochBatches(DataLoader(
-            self.dataset(epoch, start_step), batch_size=None, num_workers=workers,
-            prefetch_factor=2 if workers else None, persistent_workers=False,
-            generator=generator, collate_fn=_as_built))
+            dataset, batch_size=None, num_workers=workers,
+            prefetch_factor=PREFETCH if workers else None, persistent_workers=False,
+            generator=generator, collate_fn=_as_built, worker_init_fn=_freeze_inherited_objects),
+            dataset.ring)
 
 
 def _as_built(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-class EpochBatches:
-    """The DataLoader of an epoch, its batches' arrays made tensors again in the trainer.
+def _freeze_inherited_objects(worker_id: int) -> None:
+    """Keep a loader worker's garbage collector off what it inherited from the trainer.
 
-    A loader worker sends the padded motions as one shared-memory tensor and the small arrays
-    (masks, lengths, ids, tokens: a few KB) inside the pickled batch, where a shared-memory
-    segment each would cost more than their bytes; here they become tensors without a copy.
+    A forked worker holds the trainer's whole heap (torch, transformers: ~10^6 objects). Each
+    full collection would walk all of them and, by touching their headers, copy their pages
+    (copy-on-write): measured, a third of a worker's time went into JSON decoding that way.
+    Frozen, they are never collected here (the worker exits at the end of the epoch).
+    """
+    gc.freeze()
+
+
+class EpochBatches:
+    """The DataLoader of an epoch, its batches completed on the trainer's side.
+
+    A loader worker leaves a batch's padded motions in its ring slot (batch_ring.py) and sends
+    the small arrays (masks, lengths, ids, tokens: a few KB) inside the pickled batch, where a
+    shared-memory segment each would cost more than their bytes; here the motions are copied
+    out of the slot and the arrays become tensors.
     """
 
-    def __init__(self, loader: DataLoader) -> None:
-        self.loader = loader
+    def __init__(self, loader: DataLoader, ring: BatchRing | None) -> None:
+        self.loader, self.ring = loader, ring
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
+            if self.ring is not None:
+                batch = self.ring.take(batch)
             # unpickled arrays are read-only views of the message: a copy of a few KB each
             yield {key: torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
                    for key, value in batch.items()}
@@ -199,6 +219,10 @@ class SlotStream(IterableDataset):
         super().__init__()
         self.stream, self.epoch, self.start_step = stream, epoch, start_step
         self.slots = stream.plan(epoch)
+        cfg = stream.cfg
+        # two slots beyond the DataLoader's prefetch, so that a worker never waits for one
+        self.ring = BatchRing(cfg.num_workers, PREFETCH + 2, cfg.batch_size, cfg.max_len,
+                              stream.feature_dim) if cfg.num_workers else None
 
     def __len__(self) -> int:
         return self.stream.steps_per_epoch - self.start_step
@@ -209,12 +233,14 @@ class SlotStream(IterableDataset):
         # The DataLoader asks its workers round-robin from worker 0, but step start_step belongs
         # to slot start_step % nw: rotate so that loader worker 0 serves that slot.
         slot = self.slots[(loader_worker + self.start_step) % len(self.slots)]
-        return _SlotReader(self.stream, self.epoch, slot, self.start_step).batches()
+        ring = None if info is None or self.ring is None else self.ring.writer(loader_worker)
+        return _SlotReader(self.stream, self.epoch, slot, self.start_step, ring).batches()
 
 
 class _SlotReader:
-    def __init__(self, stream: TrainStream, epoch: int, slot: SlotPlan, start_step: int) -> None:
-        self.stream, self.cfg, self.epoch, self.slot = stream, stream.cfg, epoch, slot
+    def __init__(self, stream: TrainStream, epoch: int, slot: SlotPlan, start_step: int,
+                 ring: RingWriter | None) -> None:
+        self.stream, self.cfg, self.epoch, self.slot, self.ring = stream, stream.cfg, epoch, slot, ring
         self.seed_key = [self.cfg.seed, epoch, slot.rank, slot.worker]
         self.skip_batches = sum(1 for b in slot.batches if b < start_step)
         self.bad_since_batch = 0
@@ -234,7 +260,6 @@ class _SlotReader:
         (paper size, n = 8, B = 32: ~35 MB; B = 512: ~0.5 GB per loader worker).
         """
         cfg, size = self.cfg, self.cfg.batch_size
-        in_worker = get_worker_info() is not None
         num_batches = len(self.slot.batches)
         samples = itertools.islice(self._good_samples(), num_batches * size)
         if cfg.shuffle_buffer > 1:
@@ -255,14 +280,26 @@ class _SlotReader:
                     self.bad_since_batch = 0
                     continue
                 items = [self._item(pool[row][1], draws[row]) for row in rows]
-                batch = collate_pairs(items, self.stream.tokenizer, cfg.max_text_len,
-                                      self.stream.mean, self.stream.std, shared=in_worker)
-                if in_worker:  # see EpochBatches
-                    batch = {key: value.numpy() if isinstance(value, torch.Tensor)
-                             and key != "motion" else value for key, value in batch.items()}
+                batch = self._collate(items)
                 batch["step"], batch["bad_samples"] = self.slot.batches[local], self.bad_since_batch
                 self.bad_since_batch = 0
                 yield batch
+
+    def _collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """One batch; from a loader worker, as EpochBatches completes it on the trainer's side."""
+        stream, out, address = self.stream, None, None
+        if self.ring is not None:
+            frames = max(item["motion"].shape[0] for item in items)
+            out, address = self.ring.buffer(len(items), frames)
+        batch = collate_pairs(items, stream.tokenizer, self.cfg.max_text_len, stream.mean,
+                              stream.std, out)
+        if self.ring is None:
+            return batch
+        if address is not None:  # the motions wait in the ring slot
+            del batch["motion"]
+            batch[RING_KEY] = address
+        return {key: value.numpy() if isinstance(value, torch.Tensor) and key != "motion"
+                else value for key, value in batch.items()}
 
     def _arrange(self, draws: list[tuple[int, int, int]], pool_index: int) -> list[list[int]]:
         """A pool's rows cut into batches: in stream order, or bucketed by crop length."""

@@ -1,0 +1,82 @@
+"""Shared-memory slots through which loader workers hand their padded motions to the trainer.
+
+A DataLoader worker's tensor crosses to the trainer in a shared-memory segment of its own: a
+new segment per batch, whose every page faults in the worker when written and again in the
+trainer when read, and is unmapped after. At ~200 KB of motion per sample that was the
+largest cost of a loader worker (docs/benchmarks.md). Here each worker gets a ring of
+`capacity` slots of one full batch (B, max_len, F) allocated once per epoch before the workers
+start; a worker writes a batch's motions into its next slot and sends only the slot's number,
+and the trainer's side copies the (B, T, F) it needs into an ordinary tensor and frees the
+slot. The batch handed to the training loop owns its memory, whatever the loop keeps of it.
+
+Flow control is a semaphore per worker, `capacity` permits: a worker takes one before writing
+a slot, the trainer returns it after its copy. A worker's batches are consumed in the order it
+writes them (the DataLoader delivers in order), so the slot a permit frees is the oldest. A
+worker never waits longer than WAIT_S for a permit: past that (a consumer that stopped copying)
+it sends the batch in a fresh segment, the DataLoader's own way, rather than block.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+from typing import Any
+
+import torch
+
+
+RING_KEY = "ring_slot"  # (worker, slot, frames) of a batch whose motions wait in a ring slot
+WAIT_S = 10.0
+
+
+def shared_zeros(shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor of zeros allocated in shared memory (batch_ring.py's slots).
+
+    Allocated there directly: `share_memory_` (the public fallback) would build it in private
+    memory and copy it; a new segment is zero-filled by the kernel.
+    """
+    count = math.prod(shape)
+    try:
+        storage = torch.UntypedStorage._new_shared(count * 4)
+        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+    except (AttributeError, TypeError, RuntimeError):
+        return torch.zeros(shape, dtype=torch.float32).share_memory_()
+
+
+class BatchRing:
+    """Every loader worker's slots for one epoch's DataLoader (created before its workers)."""
+
+    def __init__(self, workers: int, capacity: int, batch_size: int, max_len: int, feature_dim: int) -> None:
+        self.capacity = capacity
+        self.slots = [shared_zeros((capacity, batch_size, max_len, feature_dim)) for _ in range(workers)]
+        self.free = [multiprocessing.get_context().Semaphore(capacity) for _ in range(workers)]
+
+    def writer(self, worker: int) -> RingWriter:
+        return RingWriter(self, worker)
+
+    def take(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Trainer side: the batch with its motions copied out of their slot, the slot freed."""
+        where = batch.pop(RING_KEY, None)
+        if where is not None:
+            worker, slot, frames = where
+            batch["motion"] = self.slots[worker][slot, :, :frames].clone()
+            self.free[worker].release()
+        return batch
+
+
+class RingWriter:
+    """Worker side: the buffer for the next batch's motions, in this worker's next slot."""
+
+    def __init__(self, ring: BatchRing, worker: int) -> None:
+        self.ring, self.worker, self.written = ring, worker, 0
+
+    def buffer(self, batch_size: int, frames: int) -> tuple[torch.Tensor, tuple[int, int, int] | None]:
+        """A (batch_size, frames, F) float32 view to fill (all of it: it holds an earlier
+        batch), and the ring address to send in its place; (a fresh zeroed shared tensor,
+        None) when no slot came free within WAIT_S."""
+        slots = self.ring.slots[self.worker]
+        if batch_size != slots.shape[1] or frames > slots.shape[2] \
+                or not self.ring.free[self.worker].acquire(timeout=WAIT_S):
+            return shared_zeros((batch_size, frames, slots.shape[3])), None
+        slot = self.written % self.ring.capacity
+        self.written += 1
+        return slots[slot, :batch_size, :frames], (self.worker, slot, frames)
