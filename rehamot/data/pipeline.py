@@ -69,6 +69,7 @@ from rehamot.data.reading import (
     read_segment,
     split_shards,
 )
+from rehamot.data.token_memo import TokenMemo
 
 PREFETCH = 2  # batches each loader worker prepares ahead (the DataLoader's prefetch_factor)
 
@@ -138,6 +139,7 @@ class TrainStream:
         # every split's files (evaluation reads val and test later), this split's digests
         schema.check_shard_files(cfg.shards, self.manifest)
         self.indexes = load_indexes(cfg.shards, records)
+        self.tokens = None if tokenizer is None else TokenMemo(tokenizer, cfg.max_text_len)
         self.steps_per_epoch = steps_per_epoch(self.num_samples, world_size, cfg.batch_size)
 
     def plan(self, epoch: int) -> list[SlotPlan]:
@@ -170,7 +172,7 @@ class TrainStream:
             dataset, batch_size=None, num_workers=workers,
             prefetch_factor=PREFETCH if workers else None, persistent_workers=False,
             generator=generator, collate_fn=_as_built, worker_init_fn=_freeze_inherited_objects),
-            dataset.ring)
+            dataset.ring, self.tokens if workers else None)
 
 
 def _as_built(batch: dict[str, Any]) -> dict[str, Any]:
@@ -194,11 +196,12 @@ class EpochBatches:
     A loader worker leaves a batch's padded motions in its ring slot (batch_ring.py) and sends
     the small arrays (masks, lengths, ids, tokens: a few KB) inside the pickled batch, where a
     shared-memory segment each would cost more than their bytes; here the motions are copied
-    out of the slot and the arrays become tensors.
+    out of the slot, the captions' token ids are remembered for the next epoch's workers
+    (token_memo.py) and the arrays become tensors.
     """
 
-    def __init__(self, loader: DataLoader, ring: BatchRing | None) -> None:
-        self.loader, self.ring = loader, ring
+    def __init__(self, loader: DataLoader, ring: BatchRing | None, tokens: TokenMemo | None) -> None:
+        self.loader, self.ring, self.tokens = loader, ring, tokens
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -207,6 +210,8 @@ class EpochBatches:
         for batch in self.loader:
             if self.ring is not None:
                 batch = self.ring.take(batch)
+            if self.tokens is not None:
+                self.tokens.record(batch["texts"], batch["input_ids"], batch["attention_mask"])
             # unpickled arrays are read-only views of the message: a copy of a few KB each
             yield {key: torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
                    for key, value in batch.items()}
@@ -291,10 +296,12 @@ class _SlotReader:
         if self.ring is not None:
             frames = max(item["motion"].shape[0] for item in items)
             out, address = self.ring.buffer(len(items), frames)
-        batch = collate_pairs(items, stream.tokenizer, self.cfg.max_text_len, stream.mean,
-                              stream.std, out)
+        batch = collate_pairs(items, None, self.cfg.max_text_len, stream.mean, stream.std, out)
+        if stream.tokens is not None:
+            batch.update(stream.tokens.tokenize(batch["texts"]))
         if self.ring is None:
-            return batch
+            return {key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+                    for key, value in batch.items()}
         if address is not None:  # the motions wait in the ring slot
             del batch["motion"]
             batch[RING_KEY] = address
