@@ -4,21 +4,24 @@
 
 Each measurement is a fresh process (this script with --measure) that builds the training
 stream of one rank and reads whole epochs: the time to the first batch, the steady rate after
-it (median over --epochs epochs), samples/s per loader worker, and the time to the first
-batch when resuming at mid-epoch. Batches are tokenised with the packaged MiniLM tokenizer
-(the fine-tuned-LM path); `--text cached` measures the frozen-LM path, whose batches carry no
-tokens (the trainer looks the captions up in the text cache).
+it (median over --epochs epochs), samples/s per loader worker, samples per second of CPU the
+workers used (whole epochs: what a worker delivers when it has a core to itself, whatever else
+shares the machine), and the time to the first batch when resuming at mid-epoch. Batches are
+tokenised with the packaged MiniLM tokenizer (the fine-tuned-LM path); `--text cached` measures
+the frozen-LM path, whose batches carry no tokens (the trainer looks the captions up in the
+text cache).
 
 `--baseline REV` measures a git revision of this repository side by side, in alternating
 rounds: its tree is extracted to a temporary folder (git archive) and put first on PYTHONPATH,
-so `import rehamot` is that revision's. Without --shards a synthetic HumanML3D-shaped shard
-set is written (263 features, 40-200 frames, 1-4 captions; common.write_synthetic_shards).
+so `import rehamot` is that revision's. Without --shards a synthetic HumanML3D-shaped shard set
+is written (263 features, 40-200 frames, 1-4 captions; common.write_synthetic_shards).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +40,7 @@ def measure(shards: str, workers: int, batch_size: int, epochs: int, tokenised: 
     cfg = DataConfig(shards, batch_size=batch_size, num_workers=workers, max_text_len=64)
     stream = TrainStream(cfg, minilm_tokenizer() if tokenised else None, 0, 1)
     rates, firsts = [], []
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the loader workers, once joined
     for epoch in range(epochs):
         start = time.perf_counter()
         first, count = None, 0
@@ -46,12 +50,16 @@ def measure(shards: str, workers: int, batch_size: int, epochs: int, tokenised: 
             count += len(batch["ids"])
         rates.append((count - batch_size) / (time.perf_counter() - first))
         firsts.append(first - start)
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    worker_cpu = done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
     start = time.perf_counter()
     next(iter(stream.loader(epochs, start_step=stream.steps_per_epoch // 2)))
     resume = time.perf_counter() - start
     steady = statistics.median(rates)
+    # what one worker delivers per second of CPU it gets (whole epochs, first batches included)
+    per_cpu = count * epochs / worker_cpu if workers and worker_cpu else None
     return {"samples": count, "steady": steady, "per_worker": steady / max(workers, 1),
-            "first_s": statistics.median(firsts), "resume_s": resume}
+            "per_worker_cpu_s": per_cpu, "first_s": statistics.median(firsts), "resume_s": resume}
 
 
 def extract(revision: str, into: Path) -> Path:
@@ -112,15 +120,17 @@ def main() -> None:
             load.append(os.getloadavg()[0])
         print(f"shards {shards}, batch {args.batch_size}, text {args.text}, {args.rounds} rounds x "
               f"{args.epochs} epochs, load average {min(load):.1f}-{max(load):.1f}\n")
-        print("| loader workers | arm | samples/s per worker (each round) | median | first batch (s) "
-              "| resume to mid-epoch (s) |")
-        print("|---:|---|---|---:|---:|---:|")
+        print("| loader workers | arm | samples/s per worker (each round) | median | samples per "
+              "worker CPU-second | first batch (s) | resume to mid-epoch (s) |")
+        print("|---:|---|---|---:|---:|---:|---:|")
         for workers in args.workers:
             for arm in arms:
                 rs = runs[arm, workers]
                 per = [r["per_worker"] for r in rs]
+                cpu = [r["per_worker_cpu_s"] for r in rs if r["per_worker_cpu_s"]]
                 print(f"| {workers} | {arm} | {' / '.join(f'{p:,.0f}' for p in per)} "
-                      f"| {statistics.median(per):,.0f} | {statistics.median(r['first_s'] for r in rs):.3f} "
+                      f"| {statistics.median(per):,.0f} | {f'{statistics.median(cpu):,.0f}' if cpu else '–'} "
+                      f"| {statistics.median(r['first_s'] for r in rs):.3f} "
                       f"| {statistics.median(r['resume_s'] for r in rs):.2f} |")
         if args.baseline:
             print()

@@ -46,9 +46,16 @@ class BatchRing:
     """Every loader worker's slots for one epoch's DataLoader (created before its workers)."""
 
     def __init__(self, workers: int, capacity: int, batch_size: int, max_len: int, feature_dim: int) -> None:
-        self.capacity = capacity
-        self.slots = [shared_zeros((capacity, batch_size, max_len, feature_dim)) for _ in range(workers)]
+        self.capacity, self.batch_size, self.max_len, self.feature_dim = capacity, batch_size, max_len, feature_dim
+        # flat slots: a batch of T frames fills the first B*T*F floats of its slot, contiguous
+        # (one memcpy to copy out, not B strided runs)
+        self.slots = [shared_zeros((capacity, batch_size * max_len * feature_dim)) for _ in range(workers)]
         self.free = [multiprocessing.get_context().Semaphore(capacity) for _ in range(workers)]
+
+    def view(self, worker: int, slot: int, frames: int) -> torch.Tensor:
+        """Slot `slot` of `worker` as a (B, frames, F) tensor."""
+        count = self.batch_size * frames * self.feature_dim
+        return self.slots[worker][slot, :count].view(self.batch_size, frames, self.feature_dim)
 
     def writer(self, worker: int) -> RingWriter:
         return RingWriter(self, worker)
@@ -58,7 +65,7 @@ class BatchRing:
         where = batch.pop(RING_KEY, None)
         if where is not None:
             worker, slot, frames = where
-            batch["motion"] = self.slots[worker][slot, :, :frames].clone()
+            batch["motion"] = self.view(worker, slot, frames).clone()
             self.free[worker].release()
         return batch
 
@@ -73,10 +80,10 @@ class RingWriter:
         """A (batch_size, frames, F) float32 view to fill (all of it: it holds an earlier
         batch), and the ring address to send in its place; (a fresh zeroed shared tensor,
         None) when no slot came free within WAIT_S."""
-        slots = self.ring.slots[self.worker]
-        if batch_size != slots.shape[1] or frames > slots.shape[2] \
-                or not self.ring.free[self.worker].acquire(timeout=WAIT_S):
-            return shared_zeros((batch_size, frames, slots.shape[3])), None
-        slot = self.written % self.ring.capacity
+        ring = self.ring
+        if batch_size != ring.batch_size or frames > ring.max_len \
+                or not ring.free[self.worker].acquire(timeout=WAIT_S):
+            return shared_zeros((batch_size, frames, ring.feature_dim)), None
+        slot = self.written % ring.capacity
         self.written += 1
-        return slots[slot, :batch_size, :frames], (self.worker, slot, frames)
+        return ring.view(self.worker, slot, frames), (self.worker, slot, frames)
