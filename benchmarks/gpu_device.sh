@@ -31,3 +31,6 @@ B="python3 benchmarks/train_step.py --device cuda --precision bf16 --shards $WOR
 $B --settings tuned:1:0 frozen:1:0 --json "$OUT/gpu_b32.json" 2>&1 | tee "$OUT/gpu_b32.txt"
 $B --batch-size 256 --warmup 5 --steps 20 --settings tuned:1:0 tuned:1:0:train.micro_batches=4 frozen:1:0 \
     --json "$OUT/gpu_b256.json" 2>&1 | tee "$OUT/gpu_b256.txt"
+# loader workers per GPU: samples/s per worker on this machine's cores (batch 256, tokenised)
+python3 benchmarks/streaming.py --shards "$WORK/demo" --tokenizer "$WORK/minilm" --batch-size 256 \
+    --workers 1 2 4 --rounds 1 --epochs 2 2>&1 | tee "$OUT/streaming.txt"

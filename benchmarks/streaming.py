@@ -33,12 +33,17 @@ from typing import Any
 from common import REPO, command_line, minilm_tokenizer, require_shards, run_worker, worker_env, write_synthetic_shards
 
 
-def measure(shards: str, workers: int, batch_size: int, epochs: int, tokenised: bool) -> dict[str, Any]:
-    """One arm, in this process: the rehamot on sys.path is the one measured."""
+def measure(shards: str, workers: int, batch_size: int, epochs: int, tokenizer: str | None) -> dict[str, Any]:
+    """One arm, in this process: the rehamot on sys.path is the one measured. `tokenizer`: a
+    tokenizer folder, "minilm" for the packaged one, None for untokenised batches."""
+    from transformers import AutoTokenizer
+
     from rehamot.data.pipeline import DataConfig, TrainStream
 
     cfg = DataConfig(shards, batch_size=batch_size, num_workers=workers, max_text_len=64)
-    stream = TrainStream(cfg, minilm_tokenizer() if tokenised else None, 0, 1)
+    tok = None if tokenizer is None else minilm_tokenizer() if tokenizer == "minilm" \
+        else AutoTokenizer.from_pretrained(tokenizer)
+    stream = TrainStream(cfg, tok, 0, 1)
     rates, firsts = [], []
     children = resource.getrusage(resource.RUSAGE_CHILDREN)  # the loader workers, once joined
     for epoch in range(epochs):
@@ -79,6 +84,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per measurement (median rate)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--text", choices=("tokenised", "cached"), default="tokenised")
+    parser.add_argument("--tokenizer", default="minilm",
+                        help="a tokenizer folder (default: the packaged MiniLM's)")
     parser.add_argument("--motions", type=int, default=2048, help="synthetic shard set size")
     parser.add_argument("--shard-count", type=int, default=8, help="synthetic shard count")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
@@ -86,7 +93,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.measure:
-        result = measure(args.shards, args.workers[0], args.batch_size, args.epochs, args.text == "tokenised")
+        result = measure(args.shards, args.workers[0], args.batch_size, args.epochs,
+                         args.tokenizer if args.text == "tokenised" else None)
         Path(args.result).write_text(json.dumps(result))
         return
 
@@ -114,7 +122,7 @@ def main() -> None:
                     env = {**worker_env(1), "PYTHONPATH": root}
                     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", "--shards", shards,
                            "--workers", str(workers), "--batch-size", str(args.batch_size),
-                           "--epochs", str(args.epochs), "--text", args.text]
+                           "--epochs", str(args.epochs), "--text", args.text, "--tokenizer", args.tokenizer]
                     result, _ = run_worker(cmd, env, f"{arm}, {workers} workers")
                     runs.setdefault((arm, workers), []).append(result)
             load.append(os.getloadavg()[0])

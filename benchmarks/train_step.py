@@ -29,7 +29,10 @@ all 6 layers. Motions are full (data.min_len unset: min(T, max_len=196) frames),
 original. samples/s = processes x batch / mean step time (data wait included). CPU ms/step
 is rank 0's process CPU time (all its threads) per step, steadier than wall time on a shared
 machine (baseline.md). Peak memory is max RSS per process on CPU and
-torch.cuda.max_memory_allocated on GPU. The table shows medians over the launches.
+torch.cuda.max_memory_allocated on GPU. FLOPs per sample: torch.utils.flop_counter over
+--flop-steps further steps (the matrix products executed, padding included); TFLOP/s = that x
+samples/s per process, MFU = TFLOP/s over the device's dense bf16 peak (--peak-tflops). The
+table shows medians over the launches.
 """
 from __future__ import annotations
 
@@ -152,6 +155,7 @@ def worker(args: argparse.Namespace) -> None:
             tokens.append(batch["input_ids"].shape[1] if "input_ids" in batch else 0)  # cached text features: none
         measured = rows[args.warmup:]
         result: dict[str, Any] = {"world": trainer.world, "batch": args.batch_size, "steps": len(measured)}
+        result["flops_per_sample"] = counted_flops(trainer, it, args.flop_steps) / args.batch_size
         for phase in ("step", "cpu", *PHASES[:-1]):
             result[phase] = statistics.fmean(r.get(phase, 0.0) for r in measured)
         result["other"] = result["step"] - sum(result[p] for p in PHASES[:-1])
@@ -168,6 +172,38 @@ def worker(args: argparse.Namespace) -> None:
             Path(args.result).write_text(json.dumps(result))
 
 
+def counted_flops(trainer: Any, it: Any, steps: int) -> float:
+    """Mean FLOPs of a training step (forward, loss, backward; the optimizer's elementwise work
+    is not counted), over `steps` further batches, as torch.utils.flop_counter counts the
+    matrix products it executes: padded frames and tokens included. Counted after the timed
+    steps, because counting slows the dispatch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if steps < 1:
+        return 0.0
+    total = 0
+    for _ in range(steps):
+        batch = next(it, None)
+        if batch is None:
+            trainer.epoch += 1
+            it = iter(trainer.stream.loader(trainer.epoch))
+            batch = next(it)
+        with FlopCounterMode(display=False) as counter:
+            trainer.train_step(batch)
+        total += counter.get_total_flops()
+    return total / steps
+
+
+def peak_tflops(device: str, given: float | None) -> float | None:
+    """The chip's dense bf16 peak (vendor figures), for MFU; --peak-tflops overrides."""
+    if given:
+        return given
+    for name, peak in (("H200", 989.4), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1)):
+        if name in device:
+            return peak
+    return None
+
+
 # -- the driver: interleaved launches, medians, one table --------------------------------------
 def parse_setting(setting: str) -> tuple[str, str, str, list[str]]:
     """LM:PROCESSES:THREADS[:EXTRA,EXTRA...] -> (lm, procs, threads, extras)."""
@@ -180,6 +216,7 @@ def launch_command(setting: str, args: argparse.Namespace) -> tuple[list[str], d
     inner = [str(Path(__file__).resolve()), "--worker", "--lm", lm,
              "--shards", args.shards, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
              "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device,
+             "--flop-steps", str(args.flop_steps),
              *[f"--override={o}" for o in args.override], *[f"--extra={e}" for e in extras]]
     if int(procs) > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *inner]
@@ -205,18 +242,29 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {**runs[0], **row}
 
 
-def print_table(settings: list[str], rows: dict[str, dict[str, Any]]) -> None:
+def print_table(settings: list[str], rows: dict[str, dict[str, Any]], peak: float | None) -> None:
     ms = lambda s: f"{1000 * s:.0f}" if s >= 0.0095 else f"{1000 * s:.1f}"  # noqa: E731
     print("| LM | procs × threads | extras | samples/s (median; min–max) | step ms | CPU ms/step | data ms "
-          "| motion fwd ms | text fwd ms | loss ms | backward ms | optimizer ms | other ms | peak MB/proc |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| motion fwd ms | text fwd ms | loss ms | backward ms | optimizer ms | other ms | peak MB/proc "
+          "| GFLOP/sample | TFLOP/s per process | MFU |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for setting in settings:
         lm, procs, threads, extras = parse_setting(setting)
         r = rows[setting]
         lo, hi = r["samples_range"]
         print(f"| {'fine-tuned' if lm == 'tuned' else 'frozen'} | {procs} × {threads if threads != '0' else r['threads']} "
               f"| {', '.join(extras) or '–'} | {r['samples_per_s']:.1f} ({lo:.1f}–{hi:.1f}) | {ms(r['step'])} | {ms(r['cpu'])} | "
-              + " | ".join(ms(r[p]) for p in PHASES) + f" | {r['peak_mb']:.0f} |")
+              + " | ".join(ms(r[p]) for p in PHASES) + f" | {r['peak_mb']:.0f} | " + flops_cells(r, peak) + " |")
+
+
+def flops_cells(row: dict[str, Any], peak: float | None) -> str:
+    """GFLOP per sample, achieved TFLOP/s per process and its share of the chip's peak."""
+    per_sample = row.get("flops_per_sample") or 0.0
+    if not per_sample:
+        return "– | – | –"
+    achieved = per_sample * row["samples_per_s"] / row["world"] / 1e12
+    share = f"{100 * achieved / peak:.1f} %" if peak else "–"
+    return f"{per_sample / 1e9:.2f} | {achieved:.2f} | {share}"
 
 
 def main() -> None:
@@ -237,6 +285,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="launches per setting, interleaved")
     parser.add_argument("--override", action="append", default=[], help="extra config key=value (repeatable)")
     parser.add_argument("--json", help="also write every launch's figures here")
+    parser.add_argument("--flop-steps", type=int, default=2,
+                        help="steps counted with torch.utils.flop_counter after the timed ones (0: none)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak TFLOP/s for MFU (default: known GPUs' dense bf16)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--lm", choices=("frozen", "tuned"), default="frozen", help=argparse.SUPPRESS)
@@ -273,7 +325,10 @@ def main() -> None:
           f"mean padded length {first['padded_frames']:.0f} frames (real {first['real_frames']:.0f}), "
           f"captions padded to {first['padded_tokens']:.0f} tokens; "
           f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
-    print_table(settings, rows)
+    peak = peak_tflops(first["device"], args.peak_tflops)
+    if peak:
+        print(f"MFU against {peak:.1f} TFLOP/s dense bf16 per device\n")
+    print_table(settings, rows, peak)
     if args.json:
         Path(args.json).write_text(json.dumps({"command": sys.argv, "runs": runs}, indent=1))
 

@@ -225,8 +225,9 @@ class SlotStream(IterableDataset):
         self.stream, self.epoch, self.start_step = stream, epoch, start_step
         self.slots = stream.plan(epoch)
         cfg = stream.cfg
-        # two slots beyond the DataLoader's prefetch, so that a worker never waits for one
-        self.ring = BatchRing(cfg.num_workers, PREFETCH + 2, cfg.batch_size, cfg.max_len,
+        # A worker is handed batch j once the trainer received its batch j - PREFETCH, whose
+        # slot is free once copied: PREFETCH + 1 slots keep it from waiting.
+        self.ring = BatchRing(cfg.num_workers, PREFETCH + 1, cfg.batch_size, cfg.max_len,
                               stream.feature_dim) if cfg.num_workers else None
 
     def __len__(self) -> int:
