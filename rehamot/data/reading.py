@@ -120,8 +120,8 @@ def check_digests(index: schema.ShardIndex, raw: dict[str, Any], position: int |
 
 
 class _MemberFilter:
-    """select predicate for tar_stream.open_samples (webdataset's select_files): members of the samples wanted, read
-    without touching the data of the others (their bytes are skipped, never decoded).
+    """The select predicate of tar_stream.open_samples (webdataset's select_files): members of
+    the samples wanted, read without touching the data of the others (skipped, never decoded).
 
     Drops the first `skip` samples (a segment starting inside a shard), samples whose key
     `want_key` rejects, and members whose extension is not in `members` (when given).

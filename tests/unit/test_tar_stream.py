@@ -142,3 +142,18 @@ def test_a_cut_inside_a_skipped_member_is_still_found(shard_set, tmp_path):
     assert len([next(samples) for _ in range(5)]) == 5
     with pytest.raises(TarStreamError, match="unexpected end of data"):
         next(samples)
+
+
+def test_stopping_early_on_a_pipe_is_not_an_error(tmp_path, recwarn):
+    """A slot reads part of a shard: closing a `pipe:` URL's command early (curl then exits
+    23, a write error) must end the segment quietly, not as an error of the shard."""
+    from rehamot.data.reading import read_segment
+
+    big = write_shard_set(tmp_path, {"train": [12]}, feature_dim=263, frames=(150, 200))
+    path = big.shard_paths("train")[0]  # ~2 MB: more than a pipe buffers
+    url = f"pipe:cat {path} || exit 23"
+    assert [s["__key__"] for s in read_segment(url, 2, 5)] == ["000002", "000003", "000004"]
+    samples = open_samples(url)
+    next(samples)
+    samples.close()  # the consumer stops after one sample
+    assert not [w for w in recwarn if "unraisable" in str(w.category).lower()]
