@@ -139,11 +139,7 @@ def worker(args: argparse.Namespace) -> None:
             if len(rows) == args.warmup and cuda:
                 torch.cuda.reset_peak_memory_stats()
             start, cpu_start = clock.now(), time.process_time()
-            batch = next(it, None)
-            if batch is None:  # a new epoch: Trainer.run also pays for the loader's start here
-                trainer.epoch += 1
-                it = iter(trainer.stream.loader(trainer.epoch))
-                batch = next(it)
+            batch, it = next_batch(trainer, it)
             fetched = clock.now()
             trainer.train_step(batch)
             trainer.step += 1
@@ -172,6 +168,17 @@ def worker(args: argparse.Namespace) -> None:
             Path(args.result).write_text(json.dumps(result))
 
 
+def next_batch(trainer: Any, it: Any) -> tuple[dict[str, Any], Any]:
+    """The next batch and the iterator to go on with: at an epoch's end, the next epoch's
+    loader (Trainer.run also pays for its start there)."""
+    batch = next(it, None)
+    if batch is None:
+        trainer.epoch += 1
+        it = iter(trainer.stream.loader(trainer.epoch))
+        batch = next(it)
+    return batch, it
+
+
 def counted_flops(trainer: Any, it: Any, steps: int) -> float:
     """Mean FLOPs of a training step (forward, loss, backward; the optimizer's elementwise work
     is not counted), over `steps` further batches, as torch.utils.flop_counter counts the
@@ -183,11 +190,7 @@ def counted_flops(trainer: Any, it: Any, steps: int) -> float:
         return 0.0
     total = 0
     for _ in range(steps):
-        batch = next(it, None)
-        if batch is None:
-            trainer.epoch += 1
-            it = iter(trainer.stream.loader(trainer.epoch))
-            batch = next(it)
+        batch, it = next_batch(trainer, it)
         with FlopCounterMode(display=False) as counter:
             trainer.train_step(batch)
         total += counter.get_total_flops()

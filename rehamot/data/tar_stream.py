@@ -74,9 +74,8 @@ class _Members:
 
     def __init__(self, stream: BinaryIO, where: str) -> None:
         self.stream, self.where = stream, where
-        self.seekable = hasattr(stream, "seekable") and stream.seekable()
-        # a seek past the end succeeds silently: where skipping seeks, the end is checked
-        self.end = os.fstat(stream.fileno()).st_size if self.seekable and _has_fileno(stream) else None
+        # skipping seeks in a file; a seek past its end succeeds silently, so the end is checked
+        self.end = _file_size(stream)
         self.seekable = self.end is not None
         self.pending, self.name = 0, ""
 
@@ -134,12 +133,12 @@ class _Members:
             self._skip(self.pending + _padding(size))
 
 
-def _has_fileno(stream: Any) -> bool:
+def _file_size(stream: Any) -> int | None:
+    """The size of the seekable file behind `stream`, None for anything else (a pipe)."""
     try:
-        stream.fileno()
-        return True
+        return os.fstat(stream.fileno()).st_size if stream.seekable() else None
     except (AttributeError, OSError, ValueError):
-        return False
+        return None
 
 
 def _padding(size: int) -> int:
