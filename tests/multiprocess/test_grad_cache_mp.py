@@ -89,6 +89,9 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
                       logit_scale=logit_scale_of(plain.module)).loss.backward()
             results[f"{label}/plain_hook_calls"] = torch.tensor([float(plain_hook["calls"])])
         save_file(results, str(Path(out_dir) / f"rank{rank}.safetensors"))
+        # every rank done with its collectives before any tears gloo down (a rank destroying
+        # its group while a peer still talks to it can abort the process: seen once, SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -218,6 +218,9 @@ def _rank_main(rank: int, world_size: int, port: int, spec_name: str, out_dir: s
         except ValueError as error:
             results["unequal_batches_raised"] = torch.tensor([float("same local batch size" in str(error))])
         save_file(results, str(Path(out_dir) / f"rank{rank}.safetensors"))
+        # every rank done with its collectives before any tears gloo down (a rank destroying
+        # its group while a peer still talks to it can abort the process: seen once, SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
