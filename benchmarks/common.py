@@ -231,59 +231,42 @@ def plain_input_dropout() -> Iterator[None]:
 def write_synthetic_shards(root: Path, shard_sizes: dict[str, list[int]], *, feature_dim: int = 263,
                            frames: tuple[int, int] = (40, 200), seed: int = 0) -> dict[str, Any]:
     """Write `{split}-%06d.tar` shards of random motions with the given sample counts, plus
-    manifest.json, per rehamot/data/schema.py; return the manifest.
+    manifest.json, through the project's shard writer (shards/writer.py); return the manifest.
 
     Sample i (numbered across splits, id f"{i:06d}") has frames[0]..frames[1] frames and
     1 + i % 4 captions of varying length (so padding and truncation show in tokenised
     batches). One feature channel is constant, as in real corpora (the reader floors its std).
     """
-    import hashlib
-
     import numpy as np
-    import webdataset as wds
 
     from rehamot.data import schema
+    from shards.convert import EncodedSample
+    from shards.writer import write_manifest, write_split
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     mean = np.linspace(-1.0, 1.0, feature_dim).astype(np.float32)
     std = np.linspace(0.5, 2.0, feature_dim).astype(np.float32)
     std[-1] = 1e-6
-    splits: dict[str, Any] = {}
-    number = 0
-    for split, sizes in shard_sizes.items():
-        records = []
-        for shard_index, size in enumerate(sizes):
-            name = schema.SHARD_PATTERN.format(split=split) % shard_index
-            captions_in_shard = 0
-            digests = []
-            with wds.TarWriter(str(root / name), mtime=0) as writer:
-                for _ in range(size):
-                    sample_id = f"{number:06d}"
-                    length = int(rng.integers(frames[0], frames[1] + 1))
-                    motion = (mean + std * rng.standard_normal((length, feature_dim))).astype(np.float32)
-                    caps = [(schema.caption_id(sample_id, k), _caption_text(number, k)) for k in range(1 + number % 4)]
-                    meta = {"id": sample_id, "parent_id": sample_id, "split": split, "fps": 20.0, "frames": length,
-                            "captions": [{"caption_id": c, "text": t, "start": 0.0, "end": 0.0} for c, t in caps],
-                            "source": {"corpus": "synthetic", "file": f"{sample_id}.npy", "crop": [0, length]}}
-                    sample = {"__key__": sample_id, schema.META_MEMBER: schema.encode_meta(meta),
-                              schema.MOTION_MEMBER: schema.encode_motion(motion)}
-                    writer.write(sample)
-                    digests.append((sample_id, *(schema.member_digest(sample[m]) for m in schema.DIGESTED_MEMBERS)))
-                    captions_in_shard += len(caps)
-                    number += 1
-            index = root / schema.index_name(name)
-            index.write_bytes(schema.encode_index(name, digests))
-            records.append({"path": name, "samples": size, "captions": captions_in_shard, "sha256": "",
-                            "index": index.name, "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest()})
-        splits[split] = {"motions": sum(sizes), "captions": sum(r["captions"] for r in records), "shards": records}
-    manifest = {
-        "format_version": schema.FORMAT_VERSION, "corpus": "synthetic", "feature_dim": feature_dim,
-        "fps": 20.0, "dtype": "float32", "splits": splits,
+    counter = iter(range(10 ** 9))
+
+    def sample(split: str) -> EncodedSample:
+        number = next(counter)
+        sample_id = f"{number:06d}"
+        length = int(rng.integers(frames[0], frames[1] + 1))
+        motion = (mean + std * rng.standard_normal((length, feature_dim))).astype(np.float32)
+        caps = [(schema.caption_id(sample_id, k), _caption_text(number, k)) for k in range(1 + number % 4)]
+        meta = {"id": sample_id, "parent_id": sample_id, "split": split, "fps": 20.0, "frames": length,
+                "captions": [{"caption_id": c, "text": t, "start": 0.0, "end": 0.0} for c, t in caps],
+                "source": {"corpus": "synthetic", "file": f"{sample_id}.npy", "crop": [0, length]}}
+        return EncodedSample(sample_id, len(caps), length, schema.encode_motion(motion), schema.encode_meta(meta))
+
+    splits = {split: write_split(root, split, ([sample(split) for _ in range(size)] for size in sizes))
+              for split, sizes in shard_sizes.items()}
+    return write_manifest(root, {
+        "corpus": "synthetic", "feature_dim": feature_dim, "fps": 20.0, "dtype": "float32", "splits": splits,
         "mean": mean.tolist(), "std": std.tolist(), "mean_std_source": "synthetic", "skipped": [],
-    }
-    (root / schema.MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
-    return manifest
+    })
 
 
 def _caption_text(index: int, k: int) -> str:

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from rehamot.config import load_config
-from rehamot.export import BUNDLE_FILE, CONFIG_FILE, find_bundle
-from rehamot.generation_evaluator import read_split
+from rehamot.evaluation.generation_eval import read_split
+from rehamot.models.bundle import BUNDLE_FILE, CONFIG_FILE, find_bundle
 
 
 def save(folder: Path, motions: dict[str, np.ndarray]) -> None:

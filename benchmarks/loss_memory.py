@@ -38,8 +38,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from rehamot.config import LossConfig  # noqa: E402
-from rehamot.losses import chunk_width  # noqa: E402
-from rehamot.objective import GlobalBatchObjective, reduce_stats  # noqa: E402
+from rehamot.loss.chunked import chunk_width  # noqa: E402
+from rehamot.loss.objective import GlobalBatchObjective, reduce_stats  # noqa: E402
 
 MB = 1 << 20
 # Bytes held per (anchor, candidate) cell at the peak, before a measurement calibrates

@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/optimizer_step.py --repeats 5
 
-Builds the real two-tower model (model_factory, the paper's size, the packaged MiniLM
+Builds the real two-tower model (rehamot.models.factory, the paper's size, the packaged MiniLM
 fine-tuned, so ~26 M trainable parameters in the trainer's parameter groups), fills every
 gradient with fixed random values, and times `optimizer.step()` of torch.optim.AdamW built
 as build_optimizer builds it, in each implementation; implementations are interleaved and
@@ -28,7 +28,7 @@ def main() -> None:
     import torch
 
     from rehamot.config import load_config
-    from rehamot.model_factory import build_model
+    from rehamot.models.factory import build_model
 
     cfg = load_config(None, [f"model.finetune_lm={not args.frozen}", "train.weight_decay=0.01"])
     models, optimizers = {}, {}

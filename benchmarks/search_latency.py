@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from rehamot.search_index import SearchIndex
+from rehamot.retrieval.index import SearchIndex
 
 
 def bench(num_motions: int, dim: int, repeats: int, k: int, seed: int = 0) -> dict[str, float]:

@@ -13,7 +13,7 @@ the peak (the 100k build, before its source goes), ~23 GB of shards kept.
 
 - ours: `rehamot.train.main()` with the paper-size overrides (OURS_PAPER in common.py, as in
   vs_original.py), run by a thin wrapper (this file with --worker ours) that notes the time when
-  `import rehamot.train` and `import rehamot.trainer` (the training stack, which main()
+  `import rehamot.train` and `import rehamot.training.trainer` (the training stack, which main()
   would import after its config checks) are done and when `Trainer.__init__` returns, and
   replaces `Trainer.train_step` with one that notes the time the first batch reaches it, runs
   that step, notes the time again and ends the process. Nothing else differs from
@@ -75,7 +75,7 @@ def note(path: Path, **times: float) -> None:
 def ours_worker(args: argparse.Namespace) -> None:
     started = time.time()
     import rehamot.train as train
-    from rehamot.trainer import Trainer
+    from rehamot.training.trainer import Trainer
 
     imported = time.time()
     real_init, real_step = Trainer.__init__, Trainer.train_step

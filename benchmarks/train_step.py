@@ -14,8 +14,8 @@
         frozen:1:1 frozen:1:1:data.length_buckets=8
 
 Each measurement is a fresh launch (plain python for one process, torchrun for several) that
-builds the real `Trainer` of rehamot/trainer.py: accelerate (DDP with gloo or NCCL, autocast),
-model_factory, TrainStream, GlobalBatchObjective, AdamW + LambdaLR. It then calls the
+builds the real `Trainer` of rehamot/training/trainer.py: accelerate (DDP with gloo or NCCL, autocast),
+rehamot.models.factory, TrainStream, GlobalBatchObjective, AdamW + LambdaLR. It then calls the
 Trainer's own `train_step` in a loop, so it measures exactly what training does per step;
 phases are timed by hooks and wrappers around that code, not by a copy of it:
 data wait (next batch), motion forward, text forward (hooks on the two towers), loss (the
@@ -112,7 +112,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from rehamot.config import load_config
     from rehamot.data.schema import load_manifest
-    from rehamot.trainer import Trainer
+    from rehamot.training.trainer import Trainer
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():

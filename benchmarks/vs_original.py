@@ -26,7 +26,7 @@ model frozen or fine-tuned at 10x the lr:
   negative mining is switched on first (`model.hard_negative_mining()`, what train.py does
   after its warm-up epochs), so the loss is DropTriple. `init=False`: the similarity plots it
   draws at each epoch's first step are not timed.
-- ours: `rehamot.trainer.Trainer.train_step` on batches from our real loader (TrainStream over
+- ours: `rehamot.training.trainer.Trainer.train_step` on batches from our real loader (TrainStream over
   the shards), as benchmarks/train_step.py does, plus any --ours-override (speed options
   such as data.length_buckets=8, model.text_cache=true, model.compile=true).
 A step is "fetch the next batch + the training step": both loaders run in the training
@@ -131,7 +131,7 @@ def ours_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     from rehamot.config import load_config
     from rehamot.data.schema import load_manifest
-    from rehamot.trainer import Trainer
+    from rehamot.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
         overrides = [*OURS_PAPER, f"data.shards={args.shards}", f"run.dir={run_dir}",

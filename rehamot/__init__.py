@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {"load_bundle": "rehamot.export", "Evaluator": "rehamot.generation_evaluator"}
+_EXPORTS = {"load_bundle": "rehamot.models.bundle", "Evaluator": "rehamot.evaluation.generation_eval"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
-# The allowed values of each choice option, written once; losses.py and the models use these.
+# The allowed values of each choice option, written once; rehamot.loss and the models use these.
 LOSS_NAMES = ("sh", "mh", "droptriple", "infonce")
 THRESHOLD_MODES = ("symmetric", "per_direction")
 REDUCTIONS = ("mean", "sum")
@@ -184,7 +184,7 @@ class TrainSection(Section):
     epochs: int = option(10, "passes over the training motions (one caption drawn per visit)", check=AT_LEAST_1)
     max_steps: Optional[int] = option(None, "stop after this many optimizer steps; unset: no limit", check=AT_LEAST_1)
     batch_size: int = option(32, "samples per process and per optimizer step", check=AT_LEAST_1)
-    # GradCache (rehamot/grad_cache.py): the loss still sees every negative of the global batch
+    # GradCache (rehamot/loss/grad_cache.py): the loss still sees every negative of the global batch
     micro_batches: int = option(1, "GradCache: split each step's batch into k micro-batches (DDP only)", check=AT_LEAST_1)
     lr: float = option(2e-4, "learning rate of the motion tower and the heads", check=POSITIVE)
     lm_lr: float = option(2e-5, "learning rate of a fine-tuned language model", check=NON_NEGATIVE)

@@ -6,7 +6,6 @@ sorted by id within a split), so the bytes do not depend on the number of worker
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import os
 import shutil
@@ -24,7 +23,7 @@ from shards.convert import ConvertOptions, MotionResult, convert_in_worker, conv
 from shards.files import make_dir_like_mkdir
 from shards.plan import MotionTask, ShardingError, Skip, SourcePlan, split_order
 from shards.report import progress_bar
-from shards.writer import RunningMoments, SplitWriter
+from shards.writer import RunningMoments, SplitWriter, write_manifest
 
 CONVERTER_VERSION = "1.0"
 MB = 1 << 20
@@ -141,9 +140,8 @@ def write_shards(plan: SourcePlan, out: Path, options: BuildOptions,
     split_entries = {}
     for split in splits:
         writer = writers[split]
-        shards = writer.close()
-        split_entries[split] = {"motions": writer.samples, "captions": writer.captions,
-                                "shards": shards}
+        writer.close()
+        split_entries[split] = writer.split_entry()
     if not any(e["motions"] for e in split_entries.values()):
         raise ShardingError(
             f"nothing was written: all {plan.named_motions} named motions were skipped "
@@ -154,7 +152,6 @@ def write_shards(plan: SourcePlan, out: Path, options: BuildOptions,
     skipped.sort(key=lambda s: (s.id, s.level, s.reason, s.detail))
     accounting = _accounting(plan, split_entries, skipped, len(written_ids))
     manifest = {
-        "format_version": schema.FORMAT_VERSION,
         "corpus": plan.corpus,
         "feature_dim": plan.feature_dim,
         "fps": float(plan.fps),
@@ -170,9 +167,7 @@ def write_shards(plan: SourcePlan, out: Path, options: BuildOptions,
         "created_by": f"rehamot {rehamot.__version__} shards/make_shards.py "
                       f"(converter {CONVERTER_VERSION})",
     }
-    text = json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
-    (Path(out) / schema.MANIFEST_NAME).write_text(text, encoding="utf-8")
-    return manifest
+    return write_manifest(Path(out), manifest)
 
 
 def _mean_std(plan: SourcePlan, moments: RunningMoments, stats_splits: tuple[str, ...]

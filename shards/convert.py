@@ -34,7 +34,7 @@ class EncodedSample:
     id: str
     captions: int
     frames: int
-    motion: bytes  # the motion.npy member
+    motion: bytes | None  # the motion.npy member (None: left out, as in a damaged shard)
     meta: bytes  # the json member
     # (frames, per-feature mean, per-feature sum of squared deviations), float64
     moments: tuple[int, np.ndarray, np.ndarray] | None = None

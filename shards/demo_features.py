@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rehamot.kinematics import yaw_rotate
+from rehamot.motion.kinematics import yaw_rotate
 from shards.demo_skeleton import PARENTS
 
 FEATURE_DIM = 263

@@ -77,7 +77,7 @@ def _frame_options(parser: argparse.ArgumentParser, min_frames: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="make_shards.py", description=__doc__,
+        prog="rehamot-shards", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 

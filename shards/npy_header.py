@@ -6,7 +6,8 @@ come from other people, so the header is read first and the array is loaded only
 dtype is plain and its shape accounts for exactly the bytes there are.
 
 The check itself is the shard contract's (rehamot.data.schema.check_npy_header, which the
-training reader's decode_motion runs too); this module applies it to source files.
+training reader's decode_motion runs too); this module applies it to source files. A shard
+member held in memory is decoded by rehamot.data.schema.decode_motion itself.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from rehamot.data.schema import NpyHeaderError, PickledNpy, check_npy_header, decode_motion
+from rehamot.data.schema import NpyHeaderError, PickledNpy, check_npy_header
 
-__all__ = ["NpyHeaderError", "PickledNpy", "check_npy_header", "decode_checked", "load_checked"]
+__all__ = ["NpyHeaderError", "PickledNpy", "check_npy_header", "load_checked"]
 
 
 def load_checked(stream: BinaryIO, size: int) -> np.ndarray:
@@ -25,8 +26,3 @@ def load_checked(stream: BinaryIO, size: int) -> np.ndarray:
     check_npy_header(stream, size)
     stream.seek(start)
     return np.load(stream, allow_pickle=False)
-
-
-def decode_checked(data: bytes) -> np.ndarray:
-    """The array of an .npy held in memory (a shard member), checked before it is decoded."""
-    return decode_motion(data)

@@ -17,7 +17,6 @@ import numpy as np
 from rehamot.data import schema
 from rehamot.data.reading import load_index
 from shards.files import file_sha256
-from shards.npy_header import decode_checked
 from shards.plan import inside_root, is_valid_key
 
 EXPECTED_MEMBERS = {schema.MOTION_MEMBER, schema.META_MEMBER}
@@ -131,7 +130,7 @@ def _verify_sample(where: str, key: str, members: dict[str, bytes], split: str,
     captions = meta.get("captions")
     count = len(captions) if isinstance(captions, list) else 0
     try:
-        motion = decode_checked(members[schema.MOTION_MEMBER])
+        motion = schema.decode_motion(members[schema.MOTION_MEMBER])
     except (ValueError, EOFError) as err:  # NpyHeaderError / PickledNpy included
         return [f"{where}: cannot decode motion.npy ({type(err).__name__}: {err})"], count
     problems = []

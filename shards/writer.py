@@ -3,9 +3,16 @@
 Boundaries depend only on the encoded bytes, so the same input gives the same shards
 whatever the number of workers. Beside each shard goes its index of per-sample digests
 (schema.encode_index), whose sha256 the shard's manifest record holds.
+
+This module is the only code that writes the shard format: the sharding script, the tests'
+fixtures and the benchmarks' synthetic shards all call it (`write_split` cuts shards at given
+sample counts; a sample whose `motion` is None is written without its motion member, as a
+damaged shard would be).
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +32,8 @@ def member_bytes(size: int) -> int:
 
 
 def sample_bytes(sample: EncodedSample) -> int:
-    return member_bytes(len(sample.motion)) + member_bytes(len(sample.meta))
+    motion = 0 if sample.motion is None else member_bytes(len(sample.motion))
+    return motion + member_bytes(len(sample.meta))
 
 
 class SplitWriter:
@@ -46,20 +54,27 @@ class SplitWriter:
             self._close_shard()
         if self._tar is None:
             self._open_shard()
-        self._tar.write({"__key__": sample.id, schema.MOTION_MEMBER: sample.motion,
-                         schema.META_MEMBER: sample.meta})
-        self._digests.append((sample.id, schema.member_digest(sample.motion),
-                              schema.member_digest(sample.meta)))
+        members = {schema.MOTION_MEMBER: sample.motion, schema.META_MEMBER: sample.meta}
+        self._tar.write({"__key__": sample.id, **{k: v for k, v in members.items() if v is not None}})
+        self._digests.append((sample.id, *(schema.member_digest(members[m] or b"") for m in schema.DIGESTED_MEMBERS)))
         self._bytes += size
         self._samples += 1
         self._captions += sample.captions
         self.samples += 1
         self.captions += sample.captions
 
-    def close(self) -> list[dict[str, Any]]:
+    def end_shard(self) -> None:
+        """Close the open shard now: the next sample starts a new one."""
         if self._tar is not None:
             self._close_shard()
+
+    def close(self) -> list[dict[str, Any]]:
+        self.end_shard()
         return self.shards
+
+    def split_entry(self) -> dict[str, Any]:
+        """The split's record in the manifest (call after `close`)."""
+        return {"motions": self.samples, "captions": self.captions, "shards": self.shards}
 
     def _path(self) -> Path:
         name = schema.SHARD_PATTERN.format(split=self.split) % len(self.shards)
@@ -83,6 +98,26 @@ class SplitWriter:
         self.shards.append({"path": path.name, "samples": self._samples,
                             "captions": self._captions, "sha256": file_sha256(path),
                             "index": index.name, "index_sha256": file_sha256(index)})
+
+
+def write_split(out_dir: Path, split: str, shards: Iterable[Iterable[EncodedSample]]) -> dict[str, Any]:
+    """Write one split as the given shards, each holding exactly its samples, in order; return
+    the split's manifest record."""
+    writer = SplitWriter(out_dir, split, max_bytes=2 ** 62)
+    for samples in shards:
+        for sample in samples:
+            writer.write(sample)
+        writer.end_shard()
+    writer.close()
+    return writer.split_entry()
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write `manifest.json` of a shard set, stamped with this code's shard format; return it."""
+    manifest = {"format_version": schema.FORMAT_VERSION, **manifest}
+    text = json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
+    (Path(out_dir) / schema.MANIFEST_NAME).write_text(text, encoding="utf-8")
+    return manifest
 
 
 class RunningMoments:

@@ -40,10 +40,8 @@ META_MEMBER = "json"
 SHARD_PATTERN = "{split}-%06d.tar"
 INDEX_SUFFIX = ".index.json"
 INDEX_FORMAT = "rehamot-shard-index"
-# sha256 of the member's bytes cut to 128 bits: with SHA-NI (x86) or the ARMv8 SHA extensions
-# it is about 2x faster than blake2b on these ~130 KB members (~0.1 ms each; docs/benchmarks.md),
-# and 128 bits leave no chance of an altered member keeping its digest by accident.
-# xxh3-128: ~3 us for a 132 KiB demo sample, 1 % of a core at 3,000 samples/s (sha256 took
+# The member digest is xxh3-128 of the member's bytes (128 bits leave no chance of an altered
+# member keeping its digest by accident): ~3 us for a 132 KiB demo sample, 1 % of a core at 3,000 samples/s (sha256 took
 # ~35 %, blake2b ~85 %). It detects changed bytes, not a forger: that is the whole-shard
 # sha256 in the manifest, which `make_shards.py verify` checks.
 DIGEST = "xxh3-128"

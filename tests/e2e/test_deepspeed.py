@@ -91,7 +91,7 @@ def test_ddp_reference_is_two_ranks_on_the_optimizer_step_schedule(ddp_run):
     assert sum(r["dropped_negatives"] for r in train) > 0  # DropTriple's masks are exercised
     # The lr logged after optimizer step s is the schedule's value for step s: one scheduler
     # step per optimizer step, whatever the number of processes (accelerate would step it twice).
-    from rehamot.lr_schedule import lr_multiplier
+    from rehamot.training.lr_schedule import lr_multiplier
 
     factor = lr_multiplier("cosine", STEPS, warmup_steps=2)
     assert [r["lr/motion"] for r in train] == pytest.approx([LR * factor(s) for s in range(1, STEPS + 1)], rel=1e-12)

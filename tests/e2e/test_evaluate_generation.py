@@ -27,7 +27,7 @@ def run_dir(demo_shards, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def split(demo_shards):
-    from rehamot.generation_evaluator import read_split
+    from rehamot.evaluation.generation_eval import read_split
 
     ids, captions, motions = read_split(str(demo_shards), "test")
     return {"ids": ids, "captions": captions, "motions": motions}
@@ -62,8 +62,8 @@ def real_scores(run_dir, split, tmp_path_factory) -> dict:
 
 
 def test_training_saves_fid_statistics_and_a_model_card(run_dir, split):
-    from rehamot.export import bundle_identity
-    from rehamot.generation_evaluator import Evaluator, FidStats, load_fid_stats
+    from rehamot.evaluation.generation_eval import Evaluator, FidStats, load_fid_stats
+    from rehamot.models.bundle import bundle_identity
 
     for name in ("best", "final"):
         stats = load_fid_stats(run_dir / name, "test", bundle_identity(run_dir / name, {})["weights_sha256"])
@@ -90,7 +90,7 @@ def test_a_final_bundle_with_other_weights_gets_its_own_statistics(run_dir, spli
     from rehamot.checksums import write_checksums
     from rehamot.data import EvalSet
     from rehamot.data.pipeline import DataConfig
-    from rehamot.generation_evaluator import Evaluator, FidStats, save_run_fid_stats
+    from rehamot.evaluation.generation_eval import Evaluator, FidStats, save_run_fid_stats
 
     run = tmp_path / "run"
     for name in ("best", "final"):
@@ -113,7 +113,7 @@ def test_a_final_bundle_with_other_weights_gets_its_own_statistics(run_dir, spli
 
 
 def test_real_motions_as_generated_reproduce_the_real_row(real_scores):
-    from rehamot.generation_evaluator import METRICS
+    from rehamot.evaluation.generation_eval import METRICS
 
     keys = {k for m in METRICS for k in (m, f"{m}_ci95")}
     assert set(real_scores["real"]) == keys and set(real_scores["generated"]) == keys
@@ -132,7 +132,7 @@ def test_real_motions_as_generated_reproduce_the_real_row(real_scores):
 
 
 def test_noise_and_shuffled_prompts_are_caught(run_dir, split, real_scores, tmp_path):
-    from rehamot.export import bundle_mean_std, load_bundle
+    from rehamot.models.bundle import bundle_mean_std, load_bundle
 
     _, _, info = load_bundle(run_dir / "best")
     _, std = bundle_mean_std(info)

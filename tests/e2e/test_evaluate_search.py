@@ -76,8 +76,8 @@ def test_evaluation_matches_the_index_embeddings(evaluated, indexed, run_dir, de
 
     from rehamot.data import EvalSet
     from rehamot.data.pipeline import DataConfig
-    from rehamot.evaluation import encode_sentences
-    from rehamot.metrics import evaluate_protocols
+    from rehamot.evaluation.retrieval_eval import encode_sentences
+    from rehamot.evaluation.retrieval_metrics import evaluate_protocols
 
     meta = json.loads((indexed / "index.json").read_text())
     motion_emb = np.load(indexed / "motion_emb.npy", allow_pickle=False)
@@ -117,7 +117,7 @@ def test_batch32_on_a_split_large_enough_and_refused_when_asked_for_on_a_small_o
 def test_nsim_from_an_id_file(run_dir, indexed, tmp_path, capsys):
     """tmr-nsim on a user's id list equals TMR's metrics on that subset (first captions)."""
     from rehamot.evaluate import main
-    from rehamot.metrics import tmr_metrics
+    from rehamot.evaluation.retrieval_metrics import tmr_metrics
 
     meta = json.loads((indexed / "index.json").read_text())
     motion_emb = np.load(indexed / "motion_emb.npy")
@@ -140,7 +140,7 @@ def test_nsim_from_an_id_file(run_dir, indexed, tmp_path, capsys):
 
 
 def test_plan_protocols_skips_only_under_every():
-    from rehamot.evaluation import plan_protocols
+    from rehamot.evaluation.retrieval_eval import plan_protocols
 
     small, large = [f"{i:03d}" for i in range(31)], [f"{i:03d}" for i in range(32)]
     runs, skipped = plan_protocols("every", small, None)
@@ -179,7 +179,7 @@ def test_search_cli_both_ways(indexed, run_dir):
 
 
 def test_python_api_matches_brute_force(indexed, run_dir):
-    from rehamot.search_index import SearchIndex
+    from rehamot.retrieval.index import SearchIndex
 
     index = SearchIndex.load(run_dir)
     motion_emb = np.load(indexed / "motion_emb.npy")
@@ -201,7 +201,7 @@ def test_python_api_matches_brute_force(indexed, run_dir):
 
 
 def test_top_k_breaks_ties_like_a_stable_sort():
-    from rehamot.search_index import top_k
+    from rehamot.retrieval.index import top_k
 
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 4, size=200).astype(np.float32)  # many ties, at the cut too
@@ -210,7 +210,7 @@ def test_top_k_breaks_ties_like_a_stable_sort():
 
 
 def test_search_errors_are_one_line(indexed, run_dir, tmp_path):
-    from rehamot.search_index import SearchError, SearchIndex
+    from rehamot.retrieval.index import SearchError, SearchIndex
 
     index = SearchIndex.load(run_dir)
     with pytest.raises(SearchError, match="empty query"):
@@ -256,7 +256,7 @@ def shard_features(shards: Path, motion_id: str) -> np.ndarray:
 
 
 def test_the_index_stores_every_motions_full_joints(indexed, demo_shards):
-    from rehamot.kinematics import features_to_joints
+    from rehamot.motion.kinematics import features_to_joints
 
     meta = json.loads((indexed / "index.json").read_text())
     assert meta["format"] == "rehamot-index/2" and meta["layout"] == "humanml3d" and meta["fps"] == 20.0
@@ -270,7 +270,7 @@ def test_the_index_stores_every_motions_full_joints(indexed, demo_shards):
 
 def test_a_motion_file_is_encoded_as_the_index_encodes_its_motions(indexed, run_dir, demo_shards):
     """Bundle Mean/Std and the evaluation crop: a motion's file gives the index's embedding."""
-    from rehamot.search_index import SearchIndex
+    from rehamot.retrieval.index import SearchIndex
 
     index = SearchIndex.load(run_dir)
     for i in (0, 7, 30):
@@ -330,7 +330,7 @@ def test_bad_motion_files_are_one_line_errors(indexed, run_dir, tmp_path):
 
 
 def test_an_old_index_is_refused_with_how_to_rebuild_it(indexed, tmp_path):
-    from rehamot.search_index import SearchError, SearchIndex
+    from rehamot.retrieval.index import SearchError, SearchIndex
 
     old = tmp_path / "run"
     shutil.copytree(indexed, old / "index")
@@ -347,7 +347,7 @@ def test_a_damaged_bundle_is_refused_everywhere_naming_the_file(run_dir, indexed
     import shutil
 
     from rehamot.checksums import CHECKSUM_FILE
-    from rehamot.export import BundleError, load_bundle
+    from rehamot.models.bundle import BundleError, load_bundle
 
     bundle = tmp_path / "run" / "best"
     shutil.copytree(run_dir / "best", bundle)

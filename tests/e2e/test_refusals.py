@@ -53,8 +53,7 @@ def test_resume_from_a_path_without_a_checkpoint(demo_shards, tmp_path):
 
 
 def test_a_damaged_checkpoint_is_refused_naming_the_file(demo_shards, tmp_path):
-    from rehamot import checkpoint as ckpt
-
+    from rehamot.training import checkpoint as ckpt
     def save_state(path: str) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / "model.safetensors").write_bytes(b"weights")

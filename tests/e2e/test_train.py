@@ -188,7 +188,7 @@ def test_lm_finetuning_changes_the_lm_and_frozen_lm_stays(demo_shards, tmp_path)
     # they wrap), lr 0 until then, so weight decay must not touch it either
     python_run([*base, f"run.dir={gated}", "model.finetune_lm=true", "train.lm_lr=1e-3", "model.lm_unfreeze_step=100"])
     from rehamot.config import load_config
-    from rehamot.model_factory import build_model
+    from rehamot.models.factory import build_model
 
     cfg = load_config(frozen / "config.yaml")
     pristine = {f"text.{k}": v for k, v in build_model(cfg, 263).text.state_dict().items() if k.startswith("backbone.")}

@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rehamot.config import LossConfig
 from rehamot.distributed import world_info
-from rehamot.grad_cache import backward_through_cache, embed_without_grad
-from rehamot.objective import GlobalBatchObjective, reduce_stats
+from rehamot.loss.grad_cache import backward_through_cache, embed_without_grad
+from rehamot.loss.objective import GlobalBatchObjective, reduce_stats
 
 WORLD = 2
 MICRO = 4

@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rehamot.config import LossConfig
 from rehamot.distributed import gather_with_grad, world_info
-from rehamot.losses_reference import single_process_loss
-from rehamot.objective import GlobalBatchObjective, reduce_stats
+from rehamot.loss.dense import single_process_loss
+from rehamot.loss.objective import GlobalBatchObjective, reduce_stats
 
 LOCAL_BATCH = 6
 CHUNK_SIZE = 5  # divides neither B nor G: chunks straddle rank boundaries

@@ -1,4 +1,4 @@
-"""Small real shard sets for the data tests, written with webdataset.TarWriter per schema.py.
+"""Small real shard sets for the data tests, written by the project's shard writer (shards/writer.py).
 
 Shards are deliberately uneven; some samples can be made bad on purpose. Everything is a
 function of the arguments (fixed seeds), so tests can recompute what the loader must return.
@@ -6,18 +6,17 @@ function of the arguments (fixed seeds), so tests can recompute what the loader 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 
 from rehamot.data import schema
+from shards.convert import EncodedSample
+from shards.writer import write_manifest, write_split
 
 BAD_KINDS = ("npy", "pickle", "json", "dim", "nan", "no_motion", "no_captions")
 
@@ -54,7 +53,8 @@ def write_shard_set(
     seed: int = 0,
     bad: dict[int, str] | None = None,
 ) -> ShardSet:
-    """Write `{split}-%06d.tar` shards with the given sample counts plus manifest.json.
+    """Write `{split}-%06d.tar` shards with the given sample counts plus manifest.json, through
+    the project's shard writer.
 
     Sample i (numbered across splits, id f"{i:06d}") has 1 + i % 4 captions. `bad` maps a sample
     number to one of BAD_KINDS; bad samples stay in the tar and in the manifest's counts, as a
@@ -67,52 +67,34 @@ def write_shard_set(
     std = np.linspace(0.5, 2.0, feature_dim).astype(np.float32)
     std[-1] = 1e-6  # a constant channel: the reader must floor it (schema.STD_FLOOR)
     result = ShardSet(root, {}, {})
-    splits: dict[str, Any] = {}
-    number = 0
+    counter = iter(range(10 ** 9))
+
+    def sample(split: str) -> EncodedSample:
+        number = next(counter)
+        sample_id = f"{number:06d}"
+        length = int(rng.integers(frames[0], frames[1] + 1))
+        motion = (mean + std * rng.standard_normal((length, feature_dim))).astype(np.float32)
+        caps = [(schema.caption_id(sample_id, k), caption_text(number, k)) for k in range(1 + number % 4)]
+        kind = (bad or {}).get(number)
+        result.ids[split].append(sample_id)
+        result.motions[sample_id], result.captions[sample_id] = motion, caps
+        if kind:
+            result.bad[sample_id] = kind
+        return _sample(sample_id, split, motion, caps, kind)
+
+    splits = {}
     for split, sizes in shard_sizes.items():
         result.ids[split] = []
-        records = []
-        for shard_index, size in enumerate(sizes):
-            name = schema.SHARD_PATTERN.format(split=split) % shard_index
-            captions_in_shard = 0
-            digests = []
-            with wds.TarWriter(str(root / name), mtime=0) as writer:
-                for _ in range(size):
-                    sample_id = f"{number:06d}"
-                    length = int(rng.integers(frames[0], frames[1] + 1))
-                    motion = (mean + std * rng.standard_normal((length, feature_dim))).astype(
-                        np.float32)
-                    caps = [(schema.caption_id(sample_id, k), caption_text(number, k))
-                            for k in range(1 + number % 4)]
-                    kind = (bad or {}).get(number)
-                    sample = _sample(sample_id, split, motion, caps, kind)
-                    writer.write(sample)
-                    digests.append((sample_id, *(schema.member_digest(sample.get(m, b""))
-                                                 for m in schema.DIGESTED_MEMBERS)))
-                    result.ids[split].append(sample_id)
-                    result.motions[sample_id], result.captions[sample_id] = motion, caps
-                    if kind:
-                        result.bad[sample_id] = kind
-                    captions_in_shard += len(caps)
-                    number += 1
-            index = root / schema.index_name(name)
-            index.write_bytes(schema.encode_index(name, digests))
-            records.append({"path": name, "samples": size, "captions": captions_in_shard,
-                            "sha256": "", "index": index.name,
-                            "index_sha256": hashlib.sha256(index.read_bytes()).hexdigest()})
-        splits[split] = {"motions": sum(sizes), "captions": sum(r["captions"] for r in records),
-                         "shards": records}
-    result.manifest = {
-        "format_version": schema.FORMAT_VERSION, "corpus": "fixture", "feature_dim": feature_dim,
-        "fps": 20.0, "dtype": "float32", "splits": splits,
+        splits[split] = write_split(root, split, ([sample(split) for _ in range(size)] for size in sizes))
+    result.manifest = write_manifest(root, {
+        "corpus": "fixture", "feature_dim": feature_dim, "fps": 20.0, "dtype": "float32", "splits": splits,
         "mean": mean.tolist(), "std": std.tolist(), "mean_std_source": "fixture", "skipped": [],
-    }
-    (root / schema.MANIFEST_NAME).write_text(json.dumps(result.manifest), encoding="utf-8")
+    })
     return result
 
 
 def _sample(sample_id: str, split: str, motion: np.ndarray, caps: list[tuple[str, str]],
-            kind: str | None) -> dict[str, Any]:
+            kind: str | None) -> EncodedSample:
     meta = {"id": sample_id, "parent_id": sample_id, "split": split, "fps": 20.0,
             "frames": int(motion.shape[0]),
             "captions": [{"caption_id": c, "text": t, "start": 0.0, "end": 0.0} for c, t in caps],
@@ -137,12 +119,11 @@ def _sample(sample_id: str, split: str, motion: np.ndarray, caps: list[tuple[str
         motion_bytes = schema.encode_motion(poisoned)
     elif kind == "no_captions":
         meta_bytes = schema.encode_meta({**meta, "captions": []})
-    elif kind is not None and kind != "no_motion":
+    elif kind == "no_motion":
+        motion_bytes = None
+    elif kind is not None:
         raise ValueError(f"unknown bad kind {kind!r}")
-    sample = {"__key__": sample_id, schema.META_MEMBER: meta_bytes}
-    if kind != "no_motion":
-        sample[schema.MOTION_MEMBER] = motion_bytes
-    return sample
+    return EncodedSample(sample_id, len(caps), int(motion.shape[0]), motion_bytes, meta_bytes)
 
 
 def truncate_inside_sample(path: Path, position: int) -> None:

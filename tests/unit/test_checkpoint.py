@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from rehamot import checkpoint as ckpt
-from rehamot.lr_schedule import gated, lr_multiplier
+from rehamot.training import checkpoint as ckpt
+from rehamot.training.lr_schedule import gated, lr_multiplier
 
 
 def _fake_state(payload: str):
@@ -50,7 +50,7 @@ def test_killed_save_leaves_previous_checkpoint_usable(tmp_path):
     script = textwrap.dedent(f"""
         import os, time, sys
         sys.path.insert(0, {str(ckpt.__file__.rsplit('/rehamot/', 1)[0])!r})
-        from rehamot import checkpoint as ckpt
+        from rehamot.training import checkpoint as ckpt
         def slow_save(path):
             os.makedirs(path, exist_ok=True)
             open(os.path.join(path, "state.txt"), "w").write("half")
@@ -93,7 +93,7 @@ def _fake_run(root, name, with_checkpoint):
 
 def test_resume_latest_without_run_dir_finds_the_newest_run_with_a_checkpoint(tmp_path):
     from rehamot.config import load_config
-    from rehamot.run_files import choose_run_dir
+    from rehamot.training.run_dir import choose_run_dir
 
     overrides = [f"run.root={tmp_path}", "run.name=demo", "resume=latest"]
     fresh, why = choose_run_dir(load_config(None, overrides))

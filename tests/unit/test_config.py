@@ -75,7 +75,7 @@ def _attributes_read(exclude: str) -> set[str]:
 def test_every_component_option_has_a_schema_key():
     from rehamot.config import LossConfig, build_component
     from rehamot.data import DataConfig, data_config
-    from rehamot.model_factory import motion_config, text_config
+    from rehamot.models.factory import motion_config, text_config
 
     cfg = load_config(DEFAULT_CONFIG)
     # build_component refuses a component field that has neither a schema key nor an explicit value
@@ -89,7 +89,7 @@ def test_every_component_option_has_a_schema_key():
 
 def test_every_schema_key_reaches_the_code_that_uses_it():
     from rehamot.config import schema_options
-    from rehamot.model_factory import TEXT_KEYS
+    from rehamot.models.factory import TEXT_KEYS
 
     read = _attributes_read(exclude="config.py") | set(TEXT_KEYS.values())
     unused = [key for key, _, _ in schema_options() if key.rsplit(".", 1)[-1] not in read]
@@ -106,7 +106,7 @@ def test_every_schema_key_reaches_the_code_that_uses_it():
 ])
 def test_schema_values_reach_the_components(override, component, field, value):
     from rehamot.data import data_config
-    from rehamot.model_factory import motion_config, text_config
+    from rehamot.models.factory import motion_config, text_config
 
     cfg = load_config(DEFAULT_CONFIG, [override])
     built = {"text": text_config(cfg), "motion": motion_config(cfg, 263), "data": data_config(cfg, "train")}[component]
@@ -114,7 +114,7 @@ def test_schema_values_reach_the_components(override, component, field, value):
 
 
 def test_per_direction_thresholds_are_settable():
-    from rehamot.losses import DropThresholds, drop_thresholds
+    from rehamot.loss.chunked import DropThresholds, drop_thresholds
 
     cfg = load_config(None, ["loss.threshold_mode=per_direction", "loss.threshold_anchor=0.6",
                              "loss.threshold_candidate=0.8"])

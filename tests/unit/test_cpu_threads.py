@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from rehamot.cpu_threads import auto_threads, choose_threads, usable_cpus
+from rehamot.training.cpu_threads import auto_threads, choose_threads, usable_cpus
 
 
 @pytest.fixture

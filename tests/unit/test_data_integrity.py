@@ -222,8 +222,7 @@ def lm():
 
 
 def cache(lm, shards: Path, cache_dir: Path, **kwargs):
-    from rehamot import text_cache as tc
-
+    from rehamot.training import text_cache as tc
     encoder, tokenizer = lm
     return tc.load_or_build(encoder, tokenizer, shards=str(shards), split="train",
                             cache_dir=cache_dir, max_text_len=32, **kwargs)
@@ -251,8 +250,7 @@ def test_edited_captions_never_reach_the_text_cache(lm, shards, tmp_path):
 
 
 def test_the_cache_key_covers_the_shard_indexes(built):
-    from rehamot import text_cache as tc
-
+    from rehamot.training import text_cache as tc
     manifest = manifest_of(built)
     base = tc.split_content(manifest, "train")
     records = manifest["splits"]["train"]["shards"]
@@ -264,8 +262,7 @@ def test_the_cache_key_covers_the_shard_indexes(built):
 def test_a_caption_missing_from_the_cache_names_the_caption_sample_and_shard(tmp_path):
     import torch
 
-    from rehamot import text_cache as tc
-
+    from rehamot.training import text_cache as tc
     found = tc.TextFeatureCache(tmp_path / "c.safetensors", "k", ["a person walks"],
                                 torch.zeros(1, 3))
     with pytest.raises(tc.CaptionNotCached) as error:

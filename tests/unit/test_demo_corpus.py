@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rehamot.kinematics import features_to_joints
+from rehamot.motion.kinematics import features_to_joints
 from shards.demo_actions import ACTIONS, Plan, Unit
 from shards.demo_captions import mirror_caption
 from shards.demo_corpus import build_motion, write_demo_source

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from rehamot.generation_evaluator import (
+from rehamot.evaluation.generation_eval import (
     METRICS,
     FidStats,
     _caption_lists,
@@ -18,7 +18,14 @@ from rehamot.generation_evaluator import (
     save_fid_stats,
     score_embeddings,
 )
-from rehamot.generation_metrics import diversity, frechet_distance, matching_score, mean_ci95, multimodality, r_precision
+from rehamot.evaluation.generation_metrics import (
+    diversity,
+    frechet_distance,
+    matching_score,
+    mean_ci95,
+    multimodality,
+    r_precision,
+)
 
 
 def unit_rows(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
@@ -144,7 +151,7 @@ def test_refusals_name_the_problem(fake):
 def test_import_rehamot_does_not_import_torch():
     code = ("import sys, rehamot; assert 'torch' not in sys.modules, 'torch imported'; "
             "assert {'load_bundle', 'Evaluator'} <= set(dir(rehamot)); "
-            "import rehamot.generation_evaluator, rehamot.model_card; assert 'torch' not in sys.modules")
+            "import rehamot.evaluation.generation_eval, rehamot.evaluation.model_card; assert 'torch' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
@@ -153,7 +160,7 @@ def test_model_card_from_a_bundle_folder(tmp_path):
     from safetensors.numpy import save_file
 
     from rehamot.config import load_config, to_yaml
-    from rehamot.model_card import model_card, shards_digest, write_model_card
+    from rehamot.evaluation.model_card import model_card, shards_digest, write_model_card
 
     run = tmp_path / "run"
     bundle = run / "final"
@@ -196,7 +203,7 @@ def test_model_card_from_a_bundle_folder(tmp_path):
 def test_table_rows_are_real_and_generated_as_mean_and_ci(fake):
     from rich.console import Console
 
-    from rehamot.generation_evaluator import format_scores
+    from rehamot.evaluation.generation_eval import format_scores
 
     result = score_embeddings(fake["captions"], fake["counts"], fake["motions"] + 0.005, fake["motions"], repeats=2,
                               batch_size=16)

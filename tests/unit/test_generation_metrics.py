@@ -6,8 +6,8 @@ import warnings
 import numpy as np
 import pytest
 
-from rehamot import generation_metrics
-from rehamot.generation_metrics import (
+from rehamot.evaluation import generation_metrics
+from rehamot.evaluation.generation_metrics import (
     diversity,
     frechet_distance,
     matching_score,

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from rehamot.config import ConfigError, LossConfig, load_config
 from rehamot.data import tokenize
-from rehamot.grad_cache import backward_through_cache, embed_without_grad, split_micro_batches
+from rehamot.loss.grad_cache import backward_through_cache, embed_without_grad, split_micro_batches
+from rehamot.loss.objective import GlobalBatchObjective
 from rehamot.models import MotionEncoderConfig, TextEncoderConfig, TwoTower, TwoTowerConfig, load_tokenizer
-from rehamot.objective import GlobalBatchObjective
 
 MICRO = 4  # k micro-batches ...
 MICRO_ROWS = 3  # ... of this many rows: one batch of 12

@@ -1,4 +1,4 @@
-"""Joint recovery from HumanML3D/KIT-ML features (rehamot/kinematics.py): the real HumanML3D
+"""Joint recovery from HumanML3D/KIT-ML features (rehamot/motion/kinematics.py): the real HumanML3D
 sample, hand-derived cases of the root integration, a KIT-layout round trip, and refusals."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rehamot.kinematics import LAYOUTS, features_to_joints, get_layout
+from rehamot.motion.kinematics import LAYOUTS, features_to_joints, get_layout
 
 SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "humanml3d-sample"
 

@@ -1,4 +1,4 @@
-"""Unit tests of rehamot.losses (and the single-process objective): hand-computed cases,
+"""Unit tests of rehamot.loss.chunked (and the single-process objective): hand-computed cases,
 exclusion semantics, ties, gradients, chunked == dense reference, low-precision inputs.
 
 Most hand cases use motion embeddings = the identity, so S_ij = m_i . t_j = t_j[i] can be
@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rehamot import losses
 from rehamot.config import LossConfig
-from rehamot.losses import DropThresholds, hardest_kept_negatives
-from rehamot.losses_reference import loss_core, single_process_loss
-from rehamot.objective import GlobalBatchObjective, reduce_stats, scheduled_loss_name
+from rehamot.loss import chunked as losses
+from rehamot.loss.chunked import DropThresholds, hardest_kept_negatives
+from rehamot.loss.dense import loss_core, single_process_loss
+from rehamot.loss.objective import GlobalBatchObjective, reduce_stats, scheduled_loss_name
 
 F64 = torch.float64
 REPO = Path(__file__).resolve().parents[2]
@@ -375,7 +375,7 @@ def test_objective_warmup_and_sum_reduction() -> None:
 
 
 def test_auto_chunk_width_bounds_the_cells_per_chunk() -> None:
-    from rehamot.losses import CHUNK_CELLS, chunk_width
+    from rehamot.loss.chunked import CHUNK_CELLS, chunk_width
 
     assert chunk_width(0, 32) == CHUNK_CELLS // 32  # a training step: every column at once
     assert chunk_width(0, 8192) == 512  # a big single-process batch: narrow chunks

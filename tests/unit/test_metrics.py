@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from rehamot.evaluation import format_table
-from rehamot.metrics import (
+from rehamot.evaluation.retrieval_eval import format_table
+from rehamot.evaluation.retrieval_metrics import (
     caption_protocol_ranks,
     evaluate_protocols,
     nsim_ids,

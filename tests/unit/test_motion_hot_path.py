@@ -221,7 +221,7 @@ def test_length_chunks_replay_the_same_dropout_masks_and_skip_eval():
 
 def test_compile_flag_compiles_the_motion_tower_in_place():
     from rehamot.config import load_config
-    from rehamot.model_factory import build_model
+    from rehamot.models.factory import build_model
 
     cfg = load_config(None, ["model.d_model=32", "model.layers=1", "model.heads=2", "model.ff=64",
                              "model.embed_dim=48", "model.text_layers=1", "model.compile=true"])

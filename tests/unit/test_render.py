@@ -1,4 +1,4 @@
-"""Stick-figure rendering (rehamot/motion_render.py) and its command line (rehamot/render.py):
+"""Stick-figure rendering (rehamot/motion/stick_figure.py) and its command line (rehamot/render.py):
 real GIF/PNG files from short motions, both input kinds, and one-line refusals of bad files."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rehamot.kinematics import LAYOUTS, features_to_joints
-from rehamot.motion_render import KEYPOSE_DPI, KEYPOSE_PANEL_INCHES, load_motion, render_animation, render_keyposes
+from rehamot.motion.kinematics import LAYOUTS, features_to_joints
+from rehamot.motion.stick_figure import KEYPOSE_DPI, KEYPOSE_PANEL_INCHES, load_motion, render_animation, render_keyposes
 from shards.demo_actions import Plan, Unit
 from shards.demo_corpus import build_motion
 
@@ -189,7 +189,7 @@ def test_cli_refuses_an_unknown_output_type(tmp_path, walk):
 
 def test_importing_the_renderer_leaves_matplotlib_alone():
     """No backend switch (and no matplotlib import) until something is drawn."""
-    code = "import sys, rehamot.motion_render, rehamot.render; print('matplotlib' in sys.modules)"
+    code = "import sys, rehamot.motion.stick_figure, rehamot.render; print('matplotlib' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True,
                           timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from rehamot.run_lock import LOCK_FILE, RunDirLocked, RunLock
+from rehamot.training.run_lock import LOCK_FILE, RunDirLocked, RunLock
 
 
 def _write_holder(run_dir, **holder):
@@ -17,7 +17,7 @@ def _write_holder(run_dir, **holder):
 
 
 def test_a_live_holder_in_another_process_is_refused_by_name(tmp_path):
-    code = ("import sys, time; from pathlib import Path; from rehamot.run_lock import RunLock; "
+    code = ("import sys, time; from pathlib import Path; from rehamot.training.run_lock import RunLock; "
             "RunLock.acquire(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

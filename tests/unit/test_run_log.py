@@ -6,7 +6,7 @@ import json
 
 from rich.console import Console
 
-from rehamot.run_log import RunLog, loss_label
+from rehamot.training.run_log import RunLog, loss_label
 
 RECORD = {"step": 5, "epoch": 0, "loss": 0.1234, "loss_name": "sh", "samples_per_s": 177.0, "data_wait_s": 0.002,
           "dropped_negatives": 3.0, "lr/motion": 1e-4}

@@ -155,7 +155,6 @@ def test_summary_prints_tables(corpus, tmp_path, capsys, monkeypatch):
 
 
 def test_demo_command(tmp_path):
-    pytest.importorskip("shards.demo_corpus")
     out = tmp_path / "demo"
     assert main(["demo", "--motions", "40", "--out", str(out), "--seed", "3"]) == 0
     manifest = json.loads((out / schema.MANIFEST_NAME).read_text())

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rehamot import text_cache as tc
 from rehamot.data import tokenize
 from rehamot.data.reading import BadSampleError
 from rehamot.models import TextEncoder, TextEncoderConfig, embedded_model_dir, load_tokenizer
+from rehamot.training import text_cache as tc
 
 REPO = Path(__file__).resolve().parents[2]
 SPLIT = {"train": [5, 4, 3]}  # uneven shards; 12 samples, 30 distinct captions
@@ -187,7 +187,7 @@ def test_a_corrupt_cache_is_rebuilt_with_a_warning_naming_it(encoder, tokenizer,
     else:
         data = data[: len(data) * 2 // 3]
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="rehamot.text_cache"):
+    with caplog.at_level(logging.WARNING, logger="rehamot.training.text_cache"):
         again = build(encoder, tokenizer, shards.root, tmp_path / "cache")
     assert again.built and again.encoded == 30
     assert any(str(path) in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
@@ -200,7 +200,7 @@ def test_unreadable_captions_are_counted_and_the_rest_kept(encoder, tokenizer, t
 
     shards = shard_set(tmp_path / "shards", bad={1: "json", 3: "no_captions", 6: "npy"})
     truncate_inside_sample(shards.shard_paths("train")[2], 1)  # samples 10 and 11 are lost
-    with caplog.at_level(logging.WARNING, logger="rehamot.text_cache"):
+    with caplog.at_level(logging.WARNING, logger="rehamot.training.text_cache"):
         scan = tc.scan_captions(str(shards.root), "train")
     assert scan.bad == 4  # bad json, no captions, two lost to the truncation (a bad .npy is fine here)
     readable = [s for s in shards.ids["train"] if s not in ("000001", "000003", "000010", "000011")]

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rehamot.kinematics import LAYOUTS, Layout, features_to_joints, get_layout
+from rehamot.motion.kinematics import LAYOUTS, Layout, features_to_joints, get_layout
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

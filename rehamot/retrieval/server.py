@@ -2,7 +2,7 @@
 
     rehamot-search serve RUN_DIR [--host 127.0.0.1] [--port 8000]
 
-The page (rehamot/web/: one HTML file, one script, one style sheet, no CDN, so it works
+The page (rehamot/retrieval/web/: one HTML file, one script, one style sheet, no CDN, so it works
 offline) draws each hit as an animated stick figure on a canvas from the joint positions the
 index stores. It talks to a small JSON API:
 
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from rehamot.search_index import (
+from rehamot.retrieval.index import (
     MAX_QUERY_CHARS,
     SearchError,
     SearchIndex,
@@ -92,7 +92,7 @@ def _checked_motion_id(index: SearchIndex, segment: str) -> str:
 
 def api_info(index: SearchIndex) -> dict[str, Any]:
     """What the page needs once: the index's size and how to draw its skeleton."""
-    from rehamot.kinematics import get_layout
+    from rehamot.motion.kinematics import get_layout
 
     layout = index.meta.get("layout")
     skeleton = None

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from rehamot.checksums import IntegrityError, sha256_file, verify_checksums, write_checksums
 from rehamot.config import Config, load_config, to_yaml
-from rehamot.model_factory import build_model
 from rehamot.models import TwoTower
+from rehamot.models.factory import build_model
 
 BUNDLE_FILE = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -3,7 +3,7 @@
 // the subject facing +z at frame 0, its left on +x). No library: a canvas and fetch.
 "use strict";
 
-// Okabe-Ito colours, as in rehamot/motion_render.py: left and right limbs stay distinguishable
+// Okabe-Ito colours, as in rehamot/motion/stick_figure.py: left and right limbs stay distinguishable
 // with the common colour-vision deficiencies.
 const COLOURS = {left: "#D55E00", right: "#0072B2", centre: "#333333", floor: "#D9D9D9",
                  path: "#009E73", background: "#FFFFFF", text: "#777777"};

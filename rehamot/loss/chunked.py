@@ -4,7 +4,7 @@ Every loss is written as *local rows x global columns*: the rows are the B ancho
 process owns, the columns are the G candidates of the whole (gathered) batch, and
 `row_offset` is the global column index of row 0 (so row i's positive is column
 `row_offset + i`). A single process is the special case rows == columns, row_offset = 0.
-Pure torch: gathering the columns is the objective's job (`rehamot.objective`).
+Pure torch: gathering the columns is the objective's job (`rehamot.loss.objective`).
 
 Conventions shared by every loss (S_ij = cos(motion_i, text_j); inputs are unit vectors, so
 the dot product is the cosine):
@@ -23,7 +23,7 @@ Memory: no chunked core holds a B x G matrix with autograd. MH / DropTriple pick
 anchor's hardest kept negative without grad, chunk by chunk, then recompute only the chosen
 pairs with grad; SH and InfoNCE are custom autograd Functions that recompute each chunk's
 scores in backward. The plain B x G formulations, the obviously-correct reference, live in
-`rehamot.losses_reference` (tests, benchmarks and `loss.implementation=dense`).
+`rehamot.loss.dense` (tests, benchmarks and `loss.implementation=dense`).
 """
 from __future__ import annotations
 

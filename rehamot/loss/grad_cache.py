@@ -32,7 +32,7 @@ Rules:
   whole. Each micro-batch's motion padding is trimmed to its own longest motion (`motion`,
   `motion_mask`): padded frames are masked out of attention, so this only saves work.
 - DeepSpeed: not supported (ZeRO has no `no_sync` and divides every backward by its own
-  gradient-accumulation count); `rehamot/train.py` refuses `train.micro_batches > 1` with it.
+  gradient-accumulation count); the trainer refuses `train.micro_batches > 1` with it.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Sharding throughput vs. the original's file-by-file start-up, on one corpus, in one run.
 
-    python benchmarks/shards.py [--motions 2000] [--root HUMANML3D_LAYOUT] [--workers 1,2]
+    python benchmarks/sharding.py [--motions 2000] [--root HUMANML3D_LAYOUT] [--workers 1,2]
 
 Measures (wall clock, after imports are warm):
   1. sharding (make_shards.py humanml3d) with each --workers value: source motions/s;
@@ -17,19 +17,14 @@ import contextlib
 import io
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-# The repository root first: this file's own name would otherwise shadow the `shards` package
-# (a script's folder comes first on sys.path), whose make_shards this benchmark times in-process.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from rehamot.data import schema  # noqa: E402
-from shards.make_shards import main as make_shards  # noqa: E402
+from rehamot.data import schema
+from shards.make_shards import main as make_shards
 
 
 def random_source(root: Path, motions: int, seed: int) -> str:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rehamot import losses, losses_reference
 from rehamot.config import LossConfig
 from rehamot.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, world_info
+from rehamot.loss import chunked, dense
 
 # Additive statistics: summed over ranks (one all_reduce), each gives its global value.
 STATS_KEYS = ("loss_sum", "anchors", "dropped", "candidates", "global_batch")
@@ -53,7 +53,7 @@ class GlobalBatchObjective:
             return {"scale": scale, "chunk_size": cfg.chunk_size}
         kwargs: dict[str, object] = {"margin": cfg.margin, "chunk_size": cfg.chunk_size}
         if name == "droptriple":
-            kwargs["thresholds"] = losses.drop_thresholds(cfg)
+            kwargs["thresholds"] = chunked.drop_thresholds(cfg)
         return kwargs
 
     def __call__(
@@ -91,7 +91,7 @@ class GlobalBatchObjective:
         else:
             both = gather_with_grad(torch.cat([motion_emb, text_emb], dim=1), check_sizes=False)
             cols_m, cols_t = both[:, :dim], both[:, dim:]
-        core = losses_reference.loss_core(name, self.cfg.implementation)
+        core = dense.loss_core(name, self.cfg.implementation)
         terms = core(
             motion_emb, text_emb, cols_m, cols_t, motion_ids, col_ids, world.rank * local,
             **self._core_kwargs(name, logit_scale),

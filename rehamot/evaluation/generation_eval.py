@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from rehamot import generation_metrics as gm
-from rehamot.generation_metrics import (
+from rehamot.evaluation import generation_metrics as gm
+from rehamot.evaluation.generation_metrics import (
     GUO_BATCH_SIZE,
     GUO_DIVERSITY_TIMES,
     GUO_MULTIMODALITY_TIMES,
@@ -52,7 +52,7 @@ from rehamot.generation_metrics import (
     multimodality,
     r_precision,
 )
-from rehamot.generation_metrics import diversity as diversity_metric
+from rehamot.evaluation.generation_metrics import diversity as diversity_metric
 
 TOP_K = 3
 METRICS = ("r_precision_top1", "r_precision_top2", "r_precision_top3", "fid", "matching_score",
@@ -132,7 +132,7 @@ def load_fid_stats(bundle_dir: str | Path, split: str, weights_sha256: str | Non
 
 def encode_split_motions(model, eval_set, device, batch_size: int = 128) -> np.ndarray:
     """Unit embeddings (M, D) of every motion of an EvalSet (each rank encodes its share,
-    like rehamot.evaluation.encode_split without the captions)."""
+    like rehamot.evaluation.retrieval_eval.encode_split without the captions)."""
     import torch
 
     from rehamot import distributed as dist_utils
@@ -156,7 +156,7 @@ def save_run_fid_stats(run_dir: str | Path, evaluated: Path, motion_emb: np.ndar
     other weights encodes the split again. Every rank calls it (encoding is a collective);
     only `write` ranks write.
     """
-    from rehamot.export import WEIGHTS_FILE, bundle_identity, load_bundle
+    from rehamot.models.bundle import WEIGHTS_FILE, bundle_identity, load_bundle
 
     written, computed = [], {}
     for name in ("best", "final"):
@@ -195,11 +195,6 @@ def replication_draws(caption_counts: Sequence[int], repeats: int, seed: int = 0
         order = rng.permutation(counts.size)
         draws.append((choice, order))
     return draws
-
-
-def _pairs(available: int, times: int) -> int:
-    """Guo needs strictly more items than pairs; smaller sets use available - 1 pairs."""
-    return times if available > times else available - 1
 
 
 def _row(per_replication: dict[str, list], fid: float | None) -> dict[str, Any]:
@@ -255,7 +250,7 @@ def score_embeddings(caption_emb: np.ndarray, caption_counts: Sequence[int], gen
         reference = FidStats.of(real_emb)
 
     notes: list[str] = []
-    div_pairs = _pairs(num, GUO_DIVERSITY_TIMES)
+    div_pairs = gm.pairs_to_draw(num, GUO_DIVERSITY_TIMES)
     if div_pairs < GUO_DIVERSITY_TIMES:
         notes.append(f"diversity: {num} motions is not more than {GUO_DIVERSITY_TIMES} pairs; "
                      f"used {div_pairs} pairs per replication")
@@ -265,7 +260,7 @@ def score_embeddings(caption_emb: np.ndarray, caption_counts: Sequence[int], gen
         if generated_repeat_emb.ndim != 3 or generated_repeat_emb.shape[1] < 2:
             raise ValueError(f"multimodality needs (prompts, generations >= 2, D) embeddings, "
                              f"got shape {generated_repeat_emb.shape}")
-        mm_pairs = _pairs(generated_repeat_emb.shape[1], GUO_MULTIMODALITY_TIMES)
+        mm_pairs = gm.pairs_to_draw(generated_repeat_emb.shape[1], GUO_MULTIMODALITY_TIMES)
         if mm_pairs < GUO_MULTIMODALITY_TIMES:
             notes.append(f"multimodality: {generated_repeat_emb.shape[1]} generations per prompt is not more "
                          f"than {GUO_MULTIMODALITY_TIMES} pairs; used {mm_pairs} pairs per replication")
@@ -341,8 +336,8 @@ class Evaluator:
 
     def __init__(self, model, cfg, info: dict[str, Any], bundle_dir: Path, device) -> None:
         from rehamot.data.schema import STD_FLOOR
-        from rehamot.export import bundle_mean_std
-        from rehamot.model_factory import build_tokenizer
+        from rehamot.models.bundle import bundle_mean_std
+        from rehamot.models.factory import build_tokenizer
 
         self.model, self.cfg, self.info, self.bundle_dir, self.device = model, cfg, info, Path(bundle_dir), device
         mean, std = bundle_mean_std(info)
@@ -356,7 +351,7 @@ class Evaluator:
     def load(cls, bundle_or_run_dir: str | Path, device=None) -> Evaluator:
         """A run dir (its best/, else final/ bundle) or a bundle folder, copied anywhere."""
         from rehamot.distributed import local_device
-        from rehamot.export import find_bundle, load_bundle
+        from rehamot.models.bundle import find_bundle, load_bundle
 
         bundle = find_bundle(bundle_or_run_dir)
         device = device if device is not None else local_device()
@@ -367,7 +362,7 @@ class Evaluator:
     def identity(self) -> dict[str, Any]:
         """The bundle's step, text-model fingerprint and weights sha256 (computed once)."""
         if self._identity is None:
-            from rehamot.export import bundle_identity
+            from rehamot.models.bundle import bundle_identity
 
             self._identity = {"path": str(self.bundle_dir), **bundle_identity(self.bundle_dir, self.info)}
         return self._identity

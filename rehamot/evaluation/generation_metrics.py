@@ -186,18 +186,20 @@ def frechet_distance_of_gaussians(mu_a, sigma_a, mu_b, sigma_b) -> float:
 # --------------------------------------------------------------------------- diversity, multimodality
 
 
-def _pairs_to_draw(available: int, times: int, what: str) -> int:
+def pairs_to_draw(available: int, times: int) -> int:
     """Guo requires strictly more items than pairs; smaller sets use ``available - 1`` pairs."""
+    return times if available > times else available - 1
+
+
+def _checked_pairs(available: int, times: int, what: str) -> int:
+    """`pairs_to_draw`, refusing fewer than 2 items and warning when fewer pairs than asked."""
     times = _positive_int(times, "times")
     if available < 2:
         raise ValueError(f"{what} needs at least 2 items to pair, got {available}")
-    if available > times:
-        return times
-    warnings.warn(
-        f"{what}: {available} items is not more than times={times}; using {available - 1} pairs",
-        stacklevel=3,
-    )
-    return available - 1
+    pairs = pairs_to_draw(available, times)
+    if pairs < times:
+        warnings.warn(f"{what}: {available} items is not more than times={times}; using {pairs} pairs", stacklevel=3)
+    return pairs
 
 
 def diversity(emb, times: int = GUO_DIVERSITY_TIMES, seed: int = 0) -> float:
@@ -209,7 +211,7 @@ def diversity(emb, times: int = GUO_DIVERSITY_TIMES, seed: int = 0) -> float:
     N <= times this warns and uses N - 1 pairs. N < 2 raises ValueError.
     """
     emb = _as_float64(emb, "emb", 2)
-    num_pairs = _pairs_to_draw(emb.shape[0], times, "diversity")
+    num_pairs = _checked_pairs(emb.shape[0], times, "diversity")
     rng = np.random.default_rng(seed)
     first = rng.choice(emb.shape[0], num_pairs, replace=False)
     second = rng.choice(emb.shape[0], num_pairs, replace=False)
@@ -225,7 +227,7 @@ def multimodality(emb, times: int = GUO_MULTIMODALITY_TIMES, seed: int = 0) -> f
     R <= times this warns and uses R - 1 pairs. R < 2 raises ValueError.
     """
     emb = _as_float64(emb, "emb", 3)
-    num_pairs = _pairs_to_draw(emb.shape[1], times, "multimodality")
+    num_pairs = _checked_pairs(emb.shape[1], times, "multimodality")
     rng = np.random.default_rng(seed)
     first = rng.choice(emb.shape[1], num_pairs, replace=False)
     second = rng.choice(emb.shape[1], num_pairs, replace=False)

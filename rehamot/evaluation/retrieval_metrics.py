@@ -14,7 +14,7 @@ The TMR rules follow its published code (github.com/Mathux/TMR, ``src/model/metr
 ``cols2metrics``, and ``retrieval.py`` for the batch-of-32 split), re-derived in closed form:
 a query's averaged tie position in the sorted row is ``#better + (#tied - 1) / 2``.
 TMR rounds to 2 decimals when it prints; we return unrounded floats (batch means are taken
-before any rounding, as TMR does); `rehamot.evaluation.format_table` prints 2 decimals.
+before any rounding, as TMR does); `rehamot.evaluation.retrieval_eval.format_table` prints 2 decimals.
 """
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def nsim_ids(corpus: str | PathLike[str]) -> list[str]:
     """TMR's fixed nsim test ids: `humanml3d` (100 ids), `kitml` (101 ids), or an id-list file."""
     name = str(corpus)
     if name in NSIM_CORPORA:
-        packaged = resources.files("rehamot.protocols").joinpath(f"{name}-nsim_test.txt")
+        packaged = resources.files("rehamot.evaluation.protocol_lists").joinpath(f"{name}-nsim_test.txt")
         return _parse_ids(packaged.read_text(encoding="utf-8"))
     path = Path(name)
     if path.is_file():

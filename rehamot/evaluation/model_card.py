@@ -7,7 +7,7 @@ protocol of eval-<test split>.json, one table each, never mixed) and how to use 
 
 Plain reading of JSON/YAML/safetensors headers: no torch, so it can be regenerated anywhere:
 
-    from rehamot.model_card import write_model_card
+    from rehamot.evaluation.model_card import write_model_card
     write_model_card("runs/demo-20261126-222833/best")
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rehamot.checksums import write_checksums
 from rehamot.config import Config, load_config
 
 CARD_FILE = "README.md"
-# rehamot.export's BUNDLE_FILE / CONFIG_FILE / WEIGHTS_FILE, not imported: export imports torch
+# rehamot.models.bundle's BUNDLE_FILE / CONFIG_FILE / WEIGHTS_FILE, not imported: export imports torch
 BUNDLE_FILE, CONFIG_FILE, WEIGHTS_FILE = "bundle.json", "config.yaml", "model.safetensors"
 _DIRECTIONS = (("t2m", "text→motion"), ("m2t", "motion→text"))
 

@@ -2,7 +2,7 @@
 
 Read top to bottom: `Trainer.__init__` builds everything (data, model, optimizer, objective)
 and resumes; `train_step` is one optimizer step; `run` is the loop; `finish` evaluates the
-best bundle on the test split. Accelerate/DeepSpeed specifics live in `rehamot.accelerator`.
+best bundle on the test split. Accelerate/DeepSpeed specifics live in `rehamot.training.accelerator`.
 """
 from __future__ import annotations
 
@@ -15,23 +15,23 @@ from typing import Any
 
 import torch
 
-from rehamot import accelerator as accel
-from rehamot import checkpoint as ckpt
 from rehamot import distributed as dist_utils
-from rehamot import text_cache as feature_cache
 from rehamot.config import Config
-from rehamot.cpu_threads import choose_threads
 from rehamot.data import EvalSet, TrainStream, data_config
-from rehamot.evaluation import encode_split, evaluate_encoded, evaluate_model, print_results, write_eval_figures
-from rehamot.export import WEIGHTS_FILE, export_bundle, find_bundle, load_bundle
-from rehamot.grad_cache import DEEPSPEED_REFUSAL, backward_through_cache, embed_without_grad
-from rehamot.lr_schedule import gated, lr_multiplier
-from rehamot.model_factory import build_model, build_tokenizer, text_config
+from rehamot.evaluation.retrieval_eval import encode_split, evaluate_encoded, evaluate_model, print_results, write_eval_figures
+from rehamot.loss.grad_cache import DEEPSPEED_REFUSAL, backward_through_cache, embed_without_grad
+from rehamot.loss.objective import STATS_KEYS, GlobalBatchObjective, stats_vector, summarize_stats
 from rehamot.models import TextEncoder
-from rehamot.objective import STATS_KEYS, GlobalBatchObjective, stats_vector, summarize_stats
-from rehamot.run_files import choose_run_dir, write_run_files
-from rehamot.run_lock import RunDirLocked, RunLock
-from rehamot.run_log import NullLog, RunLog
+from rehamot.models.bundle import WEIGHTS_FILE, export_bundle, find_bundle, load_bundle
+from rehamot.models.factory import build_model, build_tokenizer, text_config
+from rehamot.training import accelerator as accel
+from rehamot.training import checkpoint as ckpt
+from rehamot.training import text_cache as feature_cache
+from rehamot.training.cpu_threads import choose_threads
+from rehamot.training.lr_schedule import gated, lr_multiplier
+from rehamot.training.run_dir import choose_run_dir, write_run_files
+from rehamot.training.run_lock import RunDirLocked, RunLock
+from rehamot.training.run_log import NullLog, RunLog
 
 PREEMPT_MARKER = "PREEMPT"  # a file in the run dir: save at the next step and exit (SLURM requeue)
 DONE_MARKER = "DONE"
@@ -365,9 +365,9 @@ class Trainer:
     def finish(self) -> None:
         """Test-split evaluation of the best bundle, FID statistics and a model card in each
         bundle, plots, the DONE marker."""
-        from rehamot.generation_evaluator import save_run_fid_stats
-        from rehamot.model_card import write_model_card
-        from rehamot.plots import plot_similarity, plot_training_curves
+        from rehamot.evaluation.figures import plot_similarity, plot_training_curves
+        from rehamot.evaluation.generation_eval import save_run_fid_stats
+        from rehamot.evaluation.model_card import write_model_card
 
         cfg, acc = self.cfg, self.acc
         acc.wait_for_everyone()

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from rehamot import distributed as dist_utils
 from rehamot.data import EvalSet
-from rehamot.metrics import (
+from rehamot.evaluation.retrieval_metrics import (
     CAPTIONS_RECALL_KS,
     NSIM_CORPORA,
     PROTOCOLS,
@@ -193,7 +193,7 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
 def retrieval_examples(enc: Mapping[str, Any], num_queries: int = EXAMPLE_QUERIES, k: int = EXAMPLE_TOP_K):
     """A few test captions as queries (the first caption of evenly spaced motions), each with
     its top-k motions, one caption of each, right (its own motion) or wrong."""
-    from rehamot.plots import RetrievalExample, RetrievedMotion
+    from rehamot.evaluation.figures import RetrievalExample, RetrievedMotion
 
     owners = np.asarray(enc["caption_motion"])
     ids, texts = enc["motion_ids"], enc["texts"]
@@ -215,7 +215,7 @@ def write_eval_figures(run_dir: str | Path, enc: Mapping[str, Any], results: Map
 
     `enc` is `encode_split`'s output; `results` labels the histograms (its `captions` entry).
     """
-    from rehamot.plots import plot_rank_histograms, plot_retrieval_examples
+    from rehamot.evaluation.figures import plot_rank_histograms, plot_retrieval_examples
 
     run_dir = Path(run_dir)
     examples_png = run_dir / f"retrieval_examples-{split}.png"

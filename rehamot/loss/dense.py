@@ -1,6 +1,6 @@
 """Reference losses: the plain B x G formulations and a single-process entry point.
 
-The chunked cores of `rehamot.losses` never hold a B x G matrix with autograd; the cores
+The chunked cores of `rehamot.loss.chunked` never hold a B x G matrix with autograd; the cores
 here do, which makes them short and obviously correct. They are the reference the chunked
 cores are tested against, the dense arm of the loss benchmarks, and what
 `loss.implementation=dense` selects. `single_process_loss` scores one batch in one process
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from rehamot.config import LOSS_IMPLEMENTATIONS, REDUCTIONS, LossConfig
-from rehamot.losses import (
+from rehamot.loss.chunked import (
     AUTO_CHUNK,
     CHUNKED_CORES,
     Core,

@@ -67,7 +67,7 @@ from rehamot.data.reading import (
 )
 from rehamot.progress import track
 
-log = logging.getLogger("rehamot.text_cache")
+log = logging.getLogger("rehamot.training.text_cache")
 
 CACHE_FORMAT = "rehamot-text-features"
 CACHE_VERSION = 2  # bump when the file layout or what the features mean changes

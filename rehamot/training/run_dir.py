@@ -11,8 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from rehamot.checkpoint import complete_checkpoints
 from rehamot.config import Config, to_yaml
+from rehamot.training.checkpoint import complete_checkpoints
 
 RECORDED_PACKAGES = ("torch", "accelerate", "deepspeed", "transformers", "webdataset", "numpy", "omegaconf")
 RECORDED_ENV = ("ACCELERATE_CONFIG_FILE", "SLURM_JOB_ID", "MASTER_ADDR", "MASTER_PORT")
