@@ -1,8 +1,20 @@
-"""Peak memory and time of DropTriple forward + backward: dense reference vs chunked.
+"""Peak memory and time of DropTriple forward + backward, arm by arm.
+
+Arms: `dense` (the project's B x G reference, `loss.implementation=dense`), `compact` (a
+short dense formulation shaped like the original code: the B x G scores and the two
+intra-modal B x G similarities under autograd, masked max), `scan` (the chunked loss scanning
+every intra-modal similarity: the search before the bounded one), `topk` (the top-k search,
+then the bounded scan for the rows it cannot settle), `bounded` (the bounded scan alone),
+`chunked` (the default: "auto" picks top-k or bounded after a probe) and `product` (one
+B x G x D similarity product, forward only: the floor any implementation pays).
 
 Global-batch mode (default): W gloo ranks (1 thread each) run `GlobalBatchObjective` on
 clustered unit embeddings, G = W * B global pairs, for each G in --sizes.
 Single-process mode (--single): one process, one batch of --batch pairs (no gather).
+--count-drops counts every dropped pair (what a logged training step does); without it the
+chunked arms skip that count (every other step). --rounds N repeats every arm N times,
+alternating, and reports each arm's time over the `reference` arm's in the same round.
+--thresholds T sets all four drop thresholds (-1: drop everything, the worst case).
 
 Every measurement runs in fresh processes, so that each process's max RSS
 (resource.getrusage) belongs to that measurement alone. "peak tensor" is the high-water
@@ -14,6 +26,8 @@ score cell that predict its next size.
 
     python benchmarks/loss_memory.py                          # G = 1k ... 64k, D = 256, 2 ranks
     python benchmarks/loss_memory.py --single --batch 8192 --dim 1024
+    python benchmarks/loss_memory.py --single --batch 8192 --dim 1024 --rounds 5 \
+        --implementations compact dense scan chunked product
 """
 from __future__ import annotations
 
@@ -38,15 +52,19 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from rehamot.config import LossConfig  # noqa: E402
-from rehamot.loss.chunked import chunk_width  # noqa: E402
+from rehamot.loss.negative_search import chunk_width  # noqa: E402
 from rehamot.loss.objective import GlobalBatchObjective, reduce_stats  # noqa: E402
+from rehamot.loss.pairs import drop_thresholds  # noqa: E402
 
 MB = 1 << 20
 # Bytes held per (anchor, candidate) cell at the peak, before a measurement calibrates
 # them; measured on torch 2.13 CPU: the dense reference holds both directions' fp32 scores,
 # both intra-modal similarities and several bool masks (~22.5); the chunked path about 10
 # per cell of one B x chunk block.
-INITIAL_BYTES_PER_CELL = {"dense": 24.0, "chunked": 12.0}
+INITIAL_BYTES_PER_CELL = {"dense": 24.0, "compact": 16.0, "scan": 12.0, "topk": 12.0, "bounded": 12.0,
+                         "chunked": 12.0, "product": 8.0}
+ARMS = tuple(INITIAL_BYTES_PER_CELL)
+CHUNKED_ARMS = {"scan": "plain", "topk": "topk", "bounded": "bounded", "chunked": "auto"}  # arm -> search
 # Gathered fp32 columns (motion, text, their concatenation) and their gradients.
 COLUMN_COPIES = 4
 
@@ -61,6 +79,8 @@ class Job:
     clusters: int
     noise: float
     seed: int
+    count_drops: bool = False
+    thresholds: float | None = None
 
 
 def clustered_batch(job: Job) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -98,7 +118,41 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _run_loss(job: Job, rank: int, world_size: int, objective: GlobalBatchObjective, batch) -> dict:
+def compact_dense_loss(motion: torch.Tensor, text: torch.Tensor, ids: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """DropTriple as the original writes it, single process: every B x B matrix under autograd."""
+    scores = motion @ text.T
+    sim_mm, sim_tt = motion @ motion.T, text @ text.T
+    positive = scores.diagonal()
+    same = ids[:, None] == ids[None, :]
+    th = drop_thresholds(cfg)
+    drop_mt = (sim_mm > th.mt_motion) | (sim_tt > th.mt_text) | same
+    drop_tm = (sim_mm > th.tm_motion) | (sim_tt > th.tm_text) | same
+    hardest_mt = scores.masked_fill(drop_mt, float("-inf")).max(dim=1).values
+    hardest_tm = scores.T.masked_fill(drop_tm, float("-inf")).max(dim=1).values
+    per_anchor = (cfg.margin + hardest_mt - positive).clamp_min(0) + (cfg.margin + hardest_tm - positive).clamp_min(0)
+    return per_anchor.mean()
+
+
+def _arm_loss(job: Job, objective: GlobalBatchObjective | None, cfg: LossConfig, motion, text, ids):
+    """(loss to backward, stats or None) of one arm on this rank's rows."""
+    if job.implementation == "product":  # the one product itself, no autograd
+        with torch.no_grad():
+            return (motion @ text.T).sum(), None
+    if job.implementation == "compact":
+        return compact_dense_loss(motion, text, ids, cfg), None
+    out = objective(motion, text, ids, step=0, epoch=0, count_drops=job.count_drops)
+    return out.loss, out.stats
+
+
+def _loss_config(job: Job) -> LossConfig:
+    thresholds = {} if job.thresholds is None else {
+        "threshold_motion": job.thresholds, "threshold_text": job.thresholds,
+        "threshold_anchor": job.thresholds, "threshold_candidate": job.thresholds}
+    implementation = "dense" if job.implementation == "dense" else "chunked"
+    return LossConfig(name="droptriple", chunk_size=job.chunk_size, implementation=implementation, **thresholds)
+
+
+def _run_loss(job: Job, rank: int, world_size: int, objective: GlobalBatchObjective | None, batch) -> dict:
     motion, text, ids = batch
     local = slice(rank * job.global_batch // world_size, (rank + 1) * job.global_batch // world_size)
     motion_emb = motion[local].clone().requires_grad_()
@@ -110,10 +164,12 @@ def _run_loss(job: Job, rank: int, world_size: int, objective: GlobalBatchObject
         dist.barrier()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         start = time.perf_counter()
-        out = objective(motion_emb, text_emb, local_ids, step=0, epoch=0)
-        out.loss.backward()
+        loss, stats = _arm_loss(job, objective, _loss_config(job), motion_emb, text_emb, local_ids)
+        if loss.requires_grad:
+            loss.backward()
         seconds = time.perf_counter() - start
-    summary = reduce_stats(out.stats)
+    nan = float("nan")
+    summary = reduce_stats(stats) if stats is not None else {"loss": float(loss.detach()), "dropped": nan, "drop_rate": nan}
     return {
         "seconds": seconds,
         "peak_tensor_bytes": _peak_tensor_bytes(prof),
@@ -133,9 +189,9 @@ def _worker(rank: int, world_size: int, port: int, job: Job, out_dir: str) -> No
             timeout=datetime.timedelta(minutes=30),
         )
     try:
-        objective = GlobalBatchObjective(
-            LossConfig(name="droptriple", chunk_size=job.chunk_size, implementation=job.implementation)
-        )
+        if job.implementation in ("compact", "product") and world_size > 1:
+            raise SystemExit(f"the {job.implementation} arm is single-process only (--single)")
+        objective = GlobalBatchObjective(_loss_config(job), search=CHUNKED_ARMS.get(job.implementation, "auto"))
         # Warm-up on a tiny batch: thread pools, kernels and the first collective.
         tiny = Job(**{**job.__dict__, "global_batch": 8 * world_size})
         _run_loss(tiny, rank, world_size, objective, clustered_batch(tiny))
@@ -165,7 +221,8 @@ def run_job(job: Job, world_size: int) -> list[dict] | str:
 def score_cells(job: Job, world_size: int) -> int:
     """(anchor, candidate) cells one rank holds at once: B x G dense, B x chunk chunked."""
     local = job.global_batch // world_size
-    width = job.global_batch if job.implementation == "dense" else min(chunk_width(job.chunk_size, local), job.global_batch)
+    whole = job.implementation in ("dense", "compact", "product")
+    width = job.global_batch if whole else min(chunk_width(job.chunk_size, local), job.global_batch)
     return local * width
 
 
@@ -187,7 +244,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8192, help="batch size in --single mode")
     parser.add_argument("--dim", type=int, default=None, help="embedding size (256; 1024 with --single)")
     parser.add_argument("--chunk-size", type=int, default=LossConfig().chunk_size)
-    parser.add_argument("--implementations", nargs="+", default=["dense", "chunked"], choices=["dense", "chunked"])
+    parser.add_argument("--implementations", nargs="+", default=["dense", "scan", "chunked"], choices=ARMS,
+                        help="arms, in order (compact and product: --single only)")
+    parser.add_argument("--reference", default=None, help="the arm the others' times are divided by (default: the first)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every arm, alternating, this many times")
+    parser.add_argument("--count-drops", action="store_true", help="count every dropped pair (a logged step)")
+    parser.add_argument("--thresholds", type=float, default=None, help="all four drop thresholds (default: the config's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--clusters", type=int, default=64)
     parser.add_argument("--noise", type=float, default=0.55)
@@ -204,41 +266,50 @@ def main() -> None:
     calibrated: set[str] = set()
 
     mode = "single process" if args.single else f"{world_size} gloo ranks"
+    counting = "every dropped pair counted" if args.count_drops else "drops not counted (an unlogged step)"
+    reference = args.reference or args.implementations[0]
     print(f"DropTriple forward+backward, {mode}, D = {dim}, chunk = {args.chunk_size}, "
-          f"{args.threads} thread(s) per process, {args.clusters} clusters, torch {torch.__version__}\n")
-    header = ["G", "B / rank", "arm", "time (s)", "peak tensor MB / rank", "max RSS MB / rank",
-              "predicted MB / rank", "loss", "dropped", "drop rate"]
+          f"{args.threads} thread(s) per process, {args.clusters} clusters, {counting}, "
+          f"thresholds {args.thresholds if args.thresholds is not None else 'of the config'}, torch {torch.__version__}\n")
+    header = ["G", "B / rank", "round", "arm", "time (s)", f"time / {reference}", "peak tensor MB / rank",
+              "max RSS MB / rank", "predicted MB / rank", "loss", "dropped", "drop rate"]
     print(_row(header))
     print(_row(["---"] * len(header)))
     for size in sizes:
-        for implementation in args.implementations:
-            job = Job(size, dim, implementation, args.chunk_size, args.threads, args.clusters, args.noise, args.seed)
-            predicted = predict_rank_bytes(job, world_size, bytes_per_cell[implementation], baseline)
-            prefix = [size, size // world_size, implementation]
-            if predicted * world_size > budget:
-                print(_row(prefix + ["skipped", "", "", f"{predicted / MB:,.0f}",
-                                     f"predicted {predicted * world_size / (1 << 30):.1f} GB > budget", "", ""]),
-                      flush=True)
-                continue
-            results = run_job(job, world_size)
-            if isinstance(results, str):
-                print(_row(prefix + [results, "", "", f"{predicted / MB:,.0f}", "", "", ""]), flush=True)
-                continue
-            peak = max(r["peak_tensor_bytes"] for r in results)
-            rss = max(r["max_rss_bytes"] for r in results)
-            # The next, larger sizes are predicted from this measurement (the largest so far,
-            # where fixed overheads weigh least).
-            bytes_per_cell[implementation] = max(
-                1.0, (peak - COLUMN_COPIES * size * dim * 4) / score_cells(job, world_size)
-            )
-            baseline = max(r["rss_before_bytes"] for r in results)
-            calibrated.add(implementation)
-            first = results[0]
-            print(_row(prefix + [
-                f"{max(r['seconds'] for r in results):.2f}", f"{peak / MB:,.0f}", f"{rss / MB:,.0f}",
-                f"{predicted / MB:,.0f}", f"{first['loss']:.6f}", f"{first['dropped']:,.0f}",
-                f"{100 * first['drop_rate']:.2f} %",
-            ]), flush=True)
+        for round_ in range(1, args.rounds + 1):
+            times: dict[str, float] = {}
+            for implementation in args.implementations:
+                job = Job(size, dim, implementation, args.chunk_size, args.threads, args.clusters, args.noise, args.seed,
+                          args.count_drops, args.thresholds)
+                predicted = predict_rank_bytes(job, world_size, bytes_per_cell[implementation], baseline)
+                prefix = [size, size // world_size, round_, implementation]
+                if predicted * world_size > budget:
+                    print(_row(prefix + ["skipped", "", "", "", f"{predicted / MB:,.0f}",
+                                         f"predicted {predicted * world_size / (1 << 30):.1f} GB > budget", "", ""]),
+                          flush=True)
+                    continue
+                results = run_job(job, world_size)
+                if isinstance(results, str):
+                    print(_row(prefix + [results, "", "", "", f"{predicted / MB:,.0f}", "", "", ""]), flush=True)
+                    continue
+                peak = max(r["peak_tensor_bytes"] for r in results)
+                rss = max(r["max_rss_bytes"] for r in results)
+                # The next, larger sizes are predicted from this measurement (the largest so far,
+                # where fixed overheads weigh least).
+                bytes_per_cell[implementation] = max(
+                    1.0, (peak - COLUMN_COPIES * size * dim * 4) / score_cells(job, world_size)
+                )
+                baseline = max(r["rss_before_bytes"] for r in results)
+                calibrated.add(implementation)
+                first = results[0]
+                times[implementation] = max(r["seconds"] for r in results)
+                ratio = times[implementation] / times[reference] if reference in times else float("nan")
+                drop_rate = first["drop_rate"]
+                print(_row(prefix + [
+                    f"{times[implementation]:.2f}", f"{ratio:.2f}", f"{peak / MB:,.0f}", f"{rss / MB:,.0f}",
+                    f"{predicted / MB:,.0f}", f"{first['loss']:.6f}", f"{first['dropped']:,.0f}",
+                    "" if drop_rate != drop_rate else f"{100 * drop_rate:.2f} %",
+                ]), flush=True)
     print("\nbytes per score cell at the peak (measured): "
           + ", ".join(f"{k} {v:.1f}" for k, v in bytes_per_cell.items() if k in calibrated))
 

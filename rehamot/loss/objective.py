@@ -20,7 +20,8 @@ from torch import Tensor
 
 from rehamot.config import LossConfig
 from rehamot.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, world_info
-from rehamot.loss import chunked, dense
+from rehamot.loss.cores import loss_core
+from rehamot.loss.pairs import Pairs, drop_thresholds
 
 # Additive statistics: summed over ranks (one all_reduce), each gives its global value.
 STATS_KEYS = ("loss_sum", "anchors", "dropped", "candidates", "global_batch")
@@ -42,8 +43,9 @@ class ObjectiveOutput:
 class GlobalBatchObjective:
     """Callable computing this rank's share of the global-batch loss; see the module doc."""
 
-    def __init__(self, cfg: LossConfig) -> None:
+    def __init__(self, cfg: LossConfig, search: str = "auto") -> None:
         self.cfg = cfg
+        self.search = search  # DropTriple's search strategy (same result; benchmarks compare them)
 
     def _core_kwargs(self, name: str, logit_scale: Tensor | None) -> dict[str, object]:
         cfg = self.cfg
@@ -53,7 +55,9 @@ class GlobalBatchObjective:
             return {"scale": scale, "chunk_size": cfg.chunk_size}
         kwargs: dict[str, object] = {"margin": cfg.margin, "chunk_size": cfg.chunk_size}
         if name == "droptriple":
-            kwargs["thresholds"] = chunked.drop_thresholds(cfg)
+            kwargs["thresholds"] = drop_thresholds(cfg)
+            if cfg.implementation == "chunked":
+                kwargs["strategy"] = self.search
         return kwargs
 
     def __call__(
@@ -65,7 +69,11 @@ class GlobalBatchObjective:
         step: int,
         epoch: int,
         logit_scale: Tensor | None = None,
+        count_drops: bool = True,
     ) -> ObjectiveOutput:
+        """This rank's loss; count_drops=False skips counting DropTriple's dropped pairs (every
+        intra-modal similarity the search could skip: ask on the steps that log them), leaving
+        stats["dropped"] negative."""
         if motion_emb.ndim != 2 or motion_emb.shape != text_emb.shape:
             raise ValueError(
                 f"expected two local (B, D) embeddings of one shape, got {tuple(motion_emb.shape)} "
@@ -91,11 +99,9 @@ class GlobalBatchObjective:
         else:
             both = gather_with_grad(torch.cat([motion_emb, text_emb], dim=1), check_sizes=False)
             cols_m, cols_t = both[:, :dim], both[:, dim:]
-        core = dense.loss_core(name, self.cfg.implementation)
-        terms = core(
-            motion_emb, text_emb, cols_m, cols_t, motion_ids, col_ids, world.rank * local,
-            **self._core_kwargs(name, logit_scale),
-        )
+        core = loss_core(name, self.cfg.implementation)
+        pairs = Pairs(motion_emb, text_emb, cols_m, cols_t, motion_ids, col_ids, world.rank * local)
+        terms = core(pairs, count_drops=count_drops, **self._core_kwargs(name, logit_scale))
         total = terms.per_anchor.sum()
         # "sum" is scaled by W so that the mean over ranks (what DDP's averaging optimises)
         # is the single-process sum.
@@ -129,11 +135,13 @@ def summarize_stats(summed: Tensor) -> dict[str, float]:
     """
     values = dict(zip(STATS_KEYS, summed.tolist()))
     anchors, candidates = values["anchors"], values["candidates"]
+    if values["dropped"] < 0:  # not counted on this step (every rank skipped it alike)
+        values["dropped"] = float("nan")
     return {
         "loss": values["loss_sum"] / anchors if anchors else float("nan"),
         "loss_sum": values["loss_sum"],
         "dropped": values["dropped"],
-        "drop_rate": values["dropped"] / candidates if candidates else 0.0,
+        "drop_rate": values["dropped"] / candidates if candidates else 0.0,  # NaN when not counted
         "candidates": candidates,
         "global_batch": values["global_batch"],
     }

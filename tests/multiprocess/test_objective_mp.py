@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rehamot.config import LossConfig
 from rehamot.distributed import gather_with_grad, world_info
-from rehamot.loss.dense import single_process_loss
+from rehamot.loss.cores import single_process_loss
 from rehamot.loss.objective import GlobalBatchObjective, reduce_stats
 
 LOCAL_BATCH = 6

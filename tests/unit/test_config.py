@@ -114,7 +114,7 @@ def test_schema_values_reach_the_components(override, component, field, value):
 
 
 def test_per_direction_thresholds_are_settable():
-    from rehamot.loss.chunked import DropThresholds, drop_thresholds
+    from rehamot.loss.pairs import DropThresholds, drop_thresholds
 
     cfg = load_config(None, ["loss.threshold_mode=per_direction", "loss.threshold_anchor=0.6",
                              "loss.threshold_candidate=0.8"])

@@ -1,4 +1,4 @@
-"""Unit tests of rehamot.loss.chunked (and the single-process objective): hand-computed cases,
+"""Unit tests of rehamot.loss (chunked cores, the dense reference, the single-process objective): hand-computed cases,
 exclusion semantics, ties, gradients, chunked == dense reference, low-precision inputs.
 
 Most hand cases use motion embeddings = the identity, so S_ij = m_i . t_j = t_j[i] can be
@@ -14,11 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rehamot.config import LossConfig
-from rehamot.loss import chunked as losses
-from rehamot.loss.chunked import DropThresholds, hardest_kept_negatives
-from rehamot.loss.dense import loss_core, single_process_loss
+from rehamot.config import LOSS_NAMES, LossConfig
+from rehamot.loss import negative_search
+from rehamot.loss.cores import loss_core, single_process_loss
+from rehamot.loss.negative_search import hardest_kept_negatives
 from rehamot.loss.objective import GlobalBatchObjective, reduce_stats, scheduled_loss_name
+from rehamot.loss.pairs import DropThresholds, Pairs, drop_thresholds
 
 F64 = torch.float64
 REPO = Path(__file__).resolve().parents[2]
@@ -28,7 +29,7 @@ def _loss(name: str, m: torch.Tensor, t: torch.Tensor, **options):
     """single_process_loss, DropTriple's thresholds given as LossConfig options."""
     threshold_options = {k: options.pop(k) for k in list(options) if k.startswith("threshold")}
     if name == "droptriple":
-        options["thresholds"] = losses.drop_thresholds(LossConfig(**threshold_options))
+        options["thresholds"] = drop_thresholds(LossConfig(**threshold_options))
     return single_process_loss(name, m, t, **options)
 
 
@@ -167,8 +168,8 @@ def test_per_direction_thresholds_swap_roles() -> None:
     assert max_hinge_loss(m, t, margin=0.25, reduction="sum").item() == pytest.approx(0.5, abs=1e-12)
     # per_direction ignores the symmetric thresholds, and vice versa
     per_direction = LossConfig(threshold_motion=0.1, threshold_text=0.2, threshold_mode="per_direction")
-    assert losses.drop_thresholds(per_direction) == DropThresholds(0.7, 0.9, 0.9, 0.7)
-    assert losses.drop_thresholds(LossConfig(threshold_motion=0.1, threshold_text=0.2)) == DropThresholds(0.1, 0.2, 0.1, 0.2)
+    assert drop_thresholds(per_direction) == DropThresholds(0.7, 0.9, 0.9, 0.7)
+    assert drop_thresholds(LossConfig(threshold_motion=0.1, threshold_text=0.2)) == DropThresholds(0.1, 0.2, 0.1, 0.2)
     with pytest.raises(ValueError, match="threshold_mode"):
         drop_triple_loss(m, t, threshold_mode="both")
 
@@ -189,14 +190,14 @@ def _tie_inputs() -> tuple[torch.Tensor, torch.Tensor]:
 def test_ties_go_to_lowest_global_column(chunk_size: int) -> None:
     m, t = _tie_inputs()
     ids = torch.tensor([0, 1, 2, 3, 4, 5])
-    index_mt, _, _, _ = hardest_kept_negatives(m, t, m, t, ids, ids, 0, thresholds=None, chunk_size=chunk_size)
+    index_mt, _, _, _ = hardest_kept_negatives(Pairs(m, t, m, t, ids, ids, 0), thresholds=None, chunk_size=chunk_size)
     assert index_mt[1].item() == 0  # j0 and j2 tie at .6
     # Rows 3..5 are the identical motion (0,0,0,1) against identical captions: all of their
     # negatives tie, and the lowest column wins.
     assert index_mt[3:].tolist() == [4, 3, 3]
     # The same rows as local rows of a larger batch (row_offset 3): global columns still win.
     local_index, _, _, _ = hardest_kept_negatives(
-        m[3:], t[3:], m, t, ids[3:], ids, 3, thresholds=None, chunk_size=chunk_size
+        Pairs(m[3:], t[3:], m, t, ids[3:], ids, 3), thresholds=None, chunk_size=chunk_size
     )
     assert local_index.tolist() == [4, 3, 3]
     # Anchor 1 alone (row_offset 1): its motion->text hinge must send its gradient to
@@ -205,7 +206,7 @@ def test_ties_go_to_lowest_global_column(chunk_size: int) -> None:
     for implementation in ("chunked", "dense"):
         cols_t = T3.clone().requires_grad_()
         terms = loss_core("mh", implementation)(
-            M3[1:2], T3[1:2], M3, cols_t, ids3[1:2], ids3, 1, margin=0.25, chunk_size=chunk_size
+            Pairs(M3[1:2], T3[1:2], M3, cols_t, ids3[1:2], ids3, 1), margin=0.25, chunk_size=chunk_size
         )
         terms.per_anchor.sum().backward()
         torch.testing.assert_close(cols_t.grad[0], M3[1])
@@ -232,7 +233,7 @@ def _core_kwargs(name: str, scale: torch.Tensor | None = None) -> dict:
     return kwargs
 
 
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_chunked_equals_dense_reference_values_and_gradients(name: str) -> None:
     m, t, ids = _clustered(13, 6, clusters=3, seed=1)
     offset, rows = 4, 5  # local rows 4..8 of 13 global columns
@@ -242,7 +243,7 @@ def test_chunked_equals_dense_reference_values_and_gradients(name: str) -> None:
         inputs = [x.clone().requires_grad_() for x in inputs]
         scale = torch.tensor(1 / 0.07, dtype=F64, requires_grad=True)
         terms = loss_core(name, implementation)(
-            *inputs, ids[offset:offset + rows], ids, offset, chunk_size=chunk_size, **_core_kwargs(name, scale)
+            Pairs(*inputs, ids[offset:offset + rows], ids, offset), chunk_size=chunk_size, **_core_kwargs(name, scale)
         )
         weights = torch.linspace(0.5, 1.5, rows, dtype=F64)  # a non-uniform upstream gradient
         (terms.per_anchor * weights).sum().backward()
@@ -261,7 +262,7 @@ def test_chunked_equals_dense_reference_values_and_gradients(name: str) -> None:
     assert (reference[0] > 0).sum() >= 3  # several anchors have an active hinge
 
 
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_gradcheck_chunked_cores(name: str) -> None:
     m, t, ids = _clustered(6, 4, clusters=2, seed=2)  # DropTriple drops 4 pairs here
     offset, rows = 2, 2
@@ -272,7 +273,8 @@ def test_gradcheck_chunked_cores(name: str) -> None:
 
     def fn(rows_m, rows_t, cols_m, cols_t, *scale):
         kwargs = _core_kwargs(name, *scale)
-        return core(rows_m, rows_t, cols_m, cols_t, ids[offset:offset + rows], ids, offset, chunk_size=4, **kwargs).per_anchor
+        pairs = Pairs(rows_m, rows_t, cols_m, cols_t, ids[offset:offset + rows], ids, offset)
+        return core(pairs, chunk_size=4, **kwargs).per_anchor
 
     assert fn(*inputs).abs().sum() > 0  # some hinge is active: the check is not vacuous
     assert torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-7)
@@ -289,7 +291,7 @@ def test_temperature_tensor_gets_the_gradient() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_low_precision_inputs_are_scored_in_fp32(name: str, dtype: torch.dtype) -> None:
     m, t, ids = _clustered(10, 8, clusters=3, seed=4)
     m_low, t_low = m.to(dtype).requires_grad_(), t.to(dtype).requires_grad_()
@@ -340,7 +342,7 @@ def test_schedule_and_config() -> None:
         LossConfig(threshold_mode="swap")
 
 
-@pytest.mark.parametrize("name", losses.LOSS_NAMES)
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_objective_single_process_matches_single_process_losses(name: str) -> None:
     m, t, ids = _clustered(12, 6, clusters=3, seed=5)
     cfg = LossConfig(name=name, chunk_size=5, threshold_text=0.7)
@@ -375,7 +377,7 @@ def test_objective_warmup_and_sum_reduction() -> None:
 
 
 def test_auto_chunk_width_bounds_the_cells_per_chunk() -> None:
-    from rehamot.loss.chunked import CHUNK_CELLS, chunk_width
+    from rehamot.loss.negative_search import CHUNK_CELLS, chunk_width
 
     assert chunk_width(0, 32) == CHUNK_CELLS // 32  # a training step: every column at once
     assert chunk_width(0, 8192) == 512  # a big single-process batch: narrow chunks
@@ -396,7 +398,7 @@ def test_chosen_hinge_gradients_match_autograd(shared: bool) -> None:
         leaves = [x.clone().requires_grad_(True) for x in (m, t)]
         cols = leaves if shared else [x.clone().requires_grad_(True) for x in (m, t)]
         core = loss_core("droptriple", implementation)
-        terms = core(leaves[0][8:24], leaves[1][8:24], cols[0], cols[1], ids[8:24], ids, 8,
+        terms = core(Pairs(leaves[0][8:24], leaves[1][8:24], cols[0], cols[1], ids[8:24], ids, 8),
                      margin=0.2, thresholds=DropThresholds(0.8, 0.8, 0.8, 0.8), chunk_size=7)
         (terms.per_anchor * torch.linspace(0.5, 2.0, 16, dtype=torch.float64)).sum().backward()
         grads = [x.grad for x in leaves] + ([] if shared else [x.grad for x in cols])
@@ -406,3 +408,134 @@ def test_chosen_hinge_gradients_match_autograd(shared: bool) -> None:
             for a, b in zip(chunked, grads):
                 assert torch.allclose(a, b, atol=1e-12)
     assert float(chunked[0].norm()) > 0
+
+
+# --- the top-k search: the same choices as the plain scan, whatever settles them ---------------
+
+
+def _choices(pairs: Pairs, thresholds, **options):
+    index_mt, index_tm, dropped, candidates = hardest_kept_negatives(pairs, thresholds=thresholds, **options)
+    return index_mt.tolist(), index_tm.tolist(), int(dropped), int(candidates)
+
+
+def _dense_choices(pairs: Pairs, thresholds: DropThresholds) -> tuple[list[int], list[int]]:
+    """Each row's hardest kept negative from whole B x G matrices (first maximum on ties)."""
+    from rehamot.loss.pairs import chunk_masks, drop_masks
+
+    _, not_negative = chunk_masks(pairs, 0, pairs.num_cols)
+    drop_mt, drop_tm = drop_masks(pairs, thresholds, not_negative)
+    result = []
+    for scores, drop in ((pairs.rows_m @ pairs.cols_t.T, drop_mt), (pairs.rows_t @ pairs.cols_m.T, drop_tm)):
+        kept = ~(not_negative | drop)
+        value, index = scores.masked_fill(~kept, float("-inf")).max(dim=1)
+        result.append(torch.where(kept.any(1), index, -1).tolist())
+    return result[0], result[1]
+
+
+@pytest.mark.parametrize("local", [False, True])
+@pytest.mark.parametrize("top_k", [1, 2, 8, 64])
+def test_top_k_search_chooses_what_the_scan_chooses(top_k: int, local: bool) -> None:
+    """Clustered embeddings drop many of each anchor's best candidates: with a small top_k
+    most rows fall back to the scan, with a large one the top-k settle them; both exact."""
+    m, t, ids = _clustered(300, 8, clusters=6, seed=7, spread=0.5)
+    thresholds = DropThresholds(0.8, 0.75, 0.75, 0.8)
+    pairs = Pairs(m[100:180], t[100:180], m, t, ids[100:180], ids, 100) if local else Pairs.single(m, t, ids)
+    scan = _choices(pairs, thresholds, strategy="plain", chunk_size=37)
+    topk = _choices(pairs, thresholds, strategy="topk", top_k=top_k, chunk_size=37)
+    assert topk == scan
+    assert (topk[0], topk[1]) == _dense_choices(pairs, thresholds)
+    _, _, settled = negative_search.top_k_search(pairs, None, thresholds, top_k, 37)
+    unsettled = int((~settled).sum())
+    assert scan[2] > 0  # the thresholds really drop pairs
+    if top_k <= 2:
+        assert unsettled > 0  # the scan settles some rows
+    if top_k == 64:
+        assert unsettled < settled.numel() // 2  # the top-k settle most
+
+
+def test_top_k_settles_ties_at_its_boundary_by_the_scan() -> None:
+    """Twelve candidates tie for the best score; top_k=4 holds only some of them, and the
+    chosen one must still be the lowest column among the tied kept ones."""
+    dim = 4
+    m = torch.zeros(13, dim, dtype=F64)
+    t = torch.zeros(13, dim, dtype=F64)
+    m[:, 0] = 1.0
+    t[1:, 0] = 1.0  # every caption but the first scores 1 against every motion
+    t[0, 1] = 1.0
+    m[1:3, 2] = 1.0  # motions 1 and 2 lean elsewhere: anchor 0 drops them by motion similarity
+    m = F.normalize(m, dim=1)
+    ids = torch.arange(13)
+    thresholds = DropThresholds(0.99, 2.0, 0.99, 2.0)
+    pairs = Pairs.single(m, t, ids)
+    scan = _choices(pairs, thresholds, strategy="plain")
+    assert _choices(pairs, thresholds, strategy="topk", top_k=4) == scan
+    assert _choices(pairs, thresholds, strategy="bounded") == scan
+    assert scan[0][0] == 1  # anchor 0's tied best candidates: columns 1..12, the lowest kept is 1
+
+
+def test_drops_are_counted_only_when_asked_and_choices_do_not_change() -> None:
+    m, t, ids = _clustered(64, 8, clusters=4, seed=8, spread=0.5)
+    pairs = Pairs.single(m, t, ids)
+    thresholds = DropThresholds(0.8, 0.8, 0.8, 0.8)
+    counted = _choices(pairs, thresholds)
+    uncounted = _choices(pairs, thresholds, count_drops=False)
+    assert counted[:2] == uncounted[:2] and counted[3] == uncounted[3]
+    assert counted[2] > 0 and uncounted[2] == -1
+    cfg = LossConfig(name="droptriple", warmup_steps=0, warmup_epochs=0)
+    counted = _choices(pairs, drop_thresholds(cfg))
+    objective = GlobalBatchObjective(cfg)
+    out = objective(m, t, ids, step=5, epoch=1, count_drops=False)
+    summary = reduce_stats(out.stats)
+    assert math.isnan(summary["dropped"]) and math.isnan(summary["drop_rate"])
+    again = objective(m, t, ids, step=5, epoch=1)
+    assert float(again.loss) == float(out.loss) and reduce_stats(again.stats)["dropped"] == counted[2]
+
+
+def test_auto_takes_the_bounded_scan_when_thresholds_drop_nearly_everything() -> None:
+    """The worst case: every pair is dropped. The probe sends "auto" to the bounded scan (one
+    pass, no wasted top-k search), and the answer is the plain scan's."""
+    m, t, ids = _clustered(512, 8, clusters=2, seed=9, spread=0.3)
+    pairs = Pairs.single(m, t, ids)
+    everything = DropThresholds(-0.99, -0.99, -0.99, -0.99)
+    assert negative_search.probe_says_bounded(pairs, everything, negative_search.TOP_K, 128)
+    nothing = DropThresholds(0.999, 0.999, 0.999, 0.999)
+    assert not negative_search.probe_says_bounded(pairs, nothing, negative_search.TOP_K, 128)
+    choices = _choices(pairs, everything)
+    assert choices == _choices(pairs, everything, strategy="plain")
+    assert set(choices[0]) == {-1} and set(choices[1]) == {-1}
+
+
+@pytest.mark.parametrize("thresholds", [DropThresholds(0.8, 0.75, 0.75, 0.8), DropThresholds(0.7, 0.7, 0.7, 0.7),
+                                        DropThresholds(0.95, 0.3, 0.3, 0.95)])
+@pytest.mark.parametrize("local", [False, True])
+def test_bounded_scan_chooses_and_counts_what_the_plain_scan_does(thresholds: DropThresholds, local: bool) -> None:
+    """Tight clusters: at high thresholds the bound rules most (anchor, group) tiles out, and
+    what it keeps gives the plain scan's choices and drop count, symmetric thresholds or not."""
+    m, t, ids = _clustered(600, 16, clusters=12, seed=11, spread=0.3)
+    ids[5], ids[17] = ids[17], ids[5]  # and a motion id shared by two captions
+    ids[40] = ids[41]
+    pairs = Pairs(m[200:300], t[200:300], m, t, ids[200:300], ids, 200) if local else Pairs.single(m, t, ids)
+    plain = _choices(pairs, thresholds, strategy="plain", chunk_size=53)
+    bounded = _choices(pairs, thresholds, strategy="bounded", chunk_size=53)
+    assert bounded == plain
+    assert plain[2] > 0  # pairs really are dropped
+    assert (plain[0], plain[1]) == _dense_choices(pairs, thresholds)
+    assert int(negative_search.count_dropped_pairs(pairs, thresholds, 53)) == plain[2]
+    drops = negative_search._bounded_drops(pairs.rows_m, pairs.rows_t, pairs.row_ids, pairs.row_index(), pairs,
+                                           thresholds)
+    if min(thresholds.mt_motion, thresholds.mt_text) >= 0.75:
+        assert drops is not None  # the bound prunes enough tiles to be used
+        assert int(drops.dropped) == plain[2]
+
+
+def test_bound_never_rules_out_a_dropped_pair() -> None:
+    """The bound on cos(x_i, member) holds for every pair, on clustered and random data."""
+    for spread, clusters in ((0.3, 8), (1.0, 3), (5.0, 1)):
+        m, t, _ = _clustered(400, 12, clusters=clusters, seed=12, spread=spread)
+        groups = negative_search._group_columns(m, t)
+        member = torch.empty(400, dtype=torch.int64)
+        for slot, (lo, hi) in enumerate(groups.bounds):
+            member[groups.order[lo:hi]] = slot
+        for x, centres, lowest in ((m, groups.centres_m, groups.lowest_m), (t, groups.centres_t, groups.lowest_t)):
+            bound = negative_search._may_exceed(x @ centres.T, lowest, x.shape[1])
+            assert bool(((x @ x.T) <= bound.gather(1, member.expand(400, 400))).all())
