@@ -8,7 +8,6 @@ training checks as it reads): an altered shard is reported sample by sample.
 """
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from rehamot.data import schema
 from rehamot.data.reading import load_index
+from rehamot.data.tar_stream import TarStreamError, tar_entries
 from shards.files import file_sha256
 from shards.plan import inside_root, is_valid_key
 
@@ -24,7 +24,7 @@ EXPECTED_MEMBERS = {schema.MOTION_MEMBER, schema.META_MEMBER}
 
 def verify_shards(shard_dir: Path) -> list[str]:
     shard_dir = Path(shard_dir)
-    manifest = schema.load_manifest(shard_dir)
+    manifest = schema.load_manifest(shard_dir, names_checked=False)  # each bad name reported
     problems: list[str] = []
     listed = set()
     for split, entry in manifest["splits"].items():
@@ -51,9 +51,9 @@ def verify_shards(shard_dir: Path) -> list[str]:
 
 
 def _is_plain_name(name: object) -> bool:
-    """A manifest names shards by bare file name; anything else could point outside DIR."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name
-            and "\\" not in name and "\0" not in name)
+    """A manifest names shards by plain file name; anything else could point outside DIR or,
+    as a URL (`pipe:`), run a command."""
+    return isinstance(name, str) and schema.FILE_NAME.fullmatch(name) is not None
 
 
 def _verify_shard(path: Path, shard: dict[str, Any], split: str,
@@ -76,7 +76,7 @@ def _verify_shard(path: Path, shard: dict[str, Any], split: str,
             problems.append(str(err))
     try:
         samples = _read_samples(path)
-    except (tarfile.TarError, OSError, EOFError) as err:
+    except (TarStreamError, OSError) as err:
         return problems + [f"{name}: unreadable tar ({type(err).__name__}: {err})"]
     captions = 0
     previous = ""
@@ -105,16 +105,17 @@ def _verify_shard(path: Path, shard: dict[str, Any], split: str,
 
 
 def _read_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
-    """Members grouped by key (the part of the name before the first dot), in tar order."""
+    """Members grouped by key (the part of the name before the first dot), in tar order; the
+    shard reader's checks apply (no member larger than the file, no negative size)."""
     samples: list[tuple[str, dict[str, bytes]]] = []
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                raise tarfile.TarError(f"member {member.name} is not a regular file")
-            key, _, suffix = member.name.partition(".")
+    with open(path, "rb") as stream:
+        for name, regular, data in tar_entries(stream, path.name):
+            if not regular:
+                raise TarStreamError(f"member {name} is not a regular file")
+            key, _, suffix = name.partition(".")
             if not samples or samples[-1][0] != key:
                 samples.append((key, {}))
-            samples[-1][1][suffix] = tar.extractfile(member).read()
+            samples[-1][1][suffix] = data
     return samples
 
 

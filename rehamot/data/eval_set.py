@@ -59,7 +59,7 @@ class EvalSet:
 
         metas: dict[str, dict[str, Any]] = {}
         for url, index in zip(self.shard_urls, self.indexes):
-            for raw in read_members(url, _META_ONLY):
+            for raw in read_members(url, _META_ONLY, max_member=schema.member_cap(self.feature_dim)):
                 _checked(url, raw["__key__"], check_digests, index, raw)
                 meta = _checked(url, raw["__key__"], decode_meta_member, raw)
                 if meta["id"] in metas:
@@ -111,7 +111,8 @@ class EvalSet:
         pending: list[tuple[int, Any]] = []
         delivered = 0
         for url, index in zip(self.shard_urls, self.indexes):
-            for raw in read_members(url, _MOTION_ONLY, want_key=mine):
+            for raw in read_members(url, _MOTION_ONLY, want_key=mine,
+                                    max_member=schema.member_cap(self.feature_dim)):
                 key = raw["__key__"]
                 if schema.MOTION_MEMBER not in raw:
                     raise ValueError(f"{url}: sample {key} has no motion member")

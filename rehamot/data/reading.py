@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from rehamot.data import schema
-from rehamot.data.tar_stream import open_samples
+from rehamot.data.tar_stream import open_samples, open_stream
 
 log = logging.getLogger("rehamot.data")
 
@@ -50,10 +50,13 @@ def is_url(location: str) -> bool:
 
 
 def member_url(location: str, name: str) -> str:
-    """`name` inside a shard location: a local directory or a URL prefix (http, gs, hf, ...)."""
+    """`name` inside a shard location: a local directory or a URL prefix (http, gs, hf, ...).
+
+    Names come from a manifest (plain file names, schema.check_manifest); a local folder's
+    member stays a path, never a URL: `.` and `pipe:x` give `./pipe:x`, not `pipe:x`."""
     if is_url(location):
         return location.rstrip("/") + "/" + name
-    return str(Path(location) / name)
+    return os.path.join(location, name)
 
 
 def read_manifest(location: str) -> dict[str, Any]:
@@ -62,7 +65,7 @@ def read_manifest(location: str) -> dict[str, Any]:
     url = member_url(location, schema.MANIFEST_NAME)
     with wds.gopen(url, "rb") as stream:
         manifest = json.loads(stream.read().decode("utf-8"))
-    schema.check_format(manifest, url)
+    schema.check_manifest(manifest, url)
     return manifest
 
 
@@ -83,7 +86,7 @@ def load_index(location: str, record: dict[str, Any]) -> schema.ShardIndex:
             f"{record.get('index')!r}); {schema.RESHARD}")
     url = member_url(location, name)
     try:
-        with wds.gopen(url, "rb") as stream:
+        with open_stream(url) as stream:
             data = stream.read()
     except Exception as exn:  # missing file, failed request: the shard set is incomplete
         raise schema.ShardSetError(f"{url}: cannot read this shard index ({type(exn).__name__}: "
@@ -143,14 +146,16 @@ class _MemberFilter:
         return self.want_key is None or self.want_key(key)
 
 
-def read_segment(url: str, first: int = 0, stop: int | None = None
-                 ) -> Iterator[dict[str, Any]]:
+def read_segment(url: str, first: int = 0, stop: int | None = None,
+                 max_member: int = schema.MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
     """Raw samples {__key__, __url__, member: bytes} at positions [first, stop) of one shard.
 
-    Errors of the tar itself (missing file, truncation) propagate: the caller decides whether
-    the rest of the segment is lost or fatal.
+    Errors of the tar itself (missing file, truncation, a member of impossible size: see
+    tar_stream; `max_member` bounds a stream's, schema.member_cap of the manifest's
+    feature_dim where the caller knows it) propagate: the caller decides whether the rest of
+    the segment is lost or fatal.
     """
-    samples = open_samples(url, _MemberFilter(skip=first))
+    samples = open_samples(url, _MemberFilter(skip=first), max_member)
     with closing(samples):
         for position, raw in enumerate(samples, start=first):
             if stop is not None and position >= stop:
@@ -159,10 +164,11 @@ def read_segment(url: str, first: int = 0, stop: int | None = None
 
 
 def read_members(url: str, members: frozenset[str] | None = None,
-                 want_key: Callable[[str], bool] | None = None) -> Iterator[dict[str, Any]]:
+                 want_key: Callable[[str], bool] | None = None,
+                 max_member: int = schema.MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
     """Raw samples of a whole shard restricted to some members and/or keys (the data of the
     others is skipped unread). A sample with none of the members is not yielded."""
-    samples = open_samples(url, _MemberFilter(members=members, want_key=want_key))
+    samples = open_samples(url, _MemberFilter(members=members, want_key=want_key), max_member)
     with closing(samples):
         yield from samples
 
@@ -179,7 +185,8 @@ def read_raw_motions(location: str, split: str, ids: Iterable[str] | None = None
     for record, index in zip(records, load_indexes(location, records)):
         url = member_url(location, record["path"])
         keep = None if wanted is None else wanted.__contains__
-        for raw in read_members(url, frozenset({schema.MOTION_MEMBER}), want_key=keep):
+        for raw in read_members(url, frozenset({schema.MOTION_MEMBER}), want_key=keep,
+                                max_member=schema.member_cap(feature_dim)):
             try:
                 check_digests(index, raw)
                 motions[raw["__key__"]] = decode_motion_member(raw[schema.MOTION_MEMBER], feature_dim)

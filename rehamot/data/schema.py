@@ -28,6 +28,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import urlparse
 
 import numpy as np
 import xxhash
@@ -50,6 +51,14 @@ DIGESTED_MEMBERS = (MOTION_MEMBER, META_MEMBER)  # their order in the index's di
 RESHARD = ("re-shard them with this rehamot (python shards/make_shards.py <humanml3d|kitml|"
            "manifest|demo> ... --out DIR --overwrite)")
 SPLITS = ("train", "val", "test")
+# A manifest names its shards and indexes by plain file names in its own folder: no '/', no
+# ':' (a URL scheme, webdataset's `pipe:` running a command), no leading '.' or '-'.
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The longest motion a shard member may hold, whatever the converter's --max-frames: 55 minutes
+# at 20 fps. A reader of a stream (a URL, a compressed shard) reads no member larger than
+# member_cap: a header claiming more is a bad shard, not a reason to inflate gigabytes.
+MAX_FRAMES = 65_536
+MEMBER_SLACK = 1 << 20  # the .npy header, a sample's JSON (its captions)
 STD_FLOOR = 1e-3  # constant channels must not divide by zero when normalising
 
 # Stable reason codes for manifest["skipped"][i]["reason"].
@@ -115,20 +124,77 @@ class PickledNpy(NpyHeaderError):
     """The header declares Python objects: loading it would need pickle."""
 
 
+def member_cap(feature_dim: int) -> int:
+    """The largest member a shard set of `feature_dim` features holds: MAX_FRAMES of float64."""
+    return MAX_FRAMES * feature_dim * 8 + MEMBER_SLACK
+
+
+# a stream read without its manifest's feature_dim: features up to 512 (about 256 MiB)
+MAX_MEMBER_BYTES = member_cap(512)
+
+
 def caption_id(sample_id: str, index: int) -> str:
     return f"{sample_id}:{index}"
 
 
-def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
+def load_manifest(shard_dir: str | Path, *, names_checked: bool = True) -> dict[str, Any]:
+    """The manifest of a local shard folder, checked (check_manifest); `names_checked=False`
+    only for `verify`, which reports each bad name itself and reads none of them."""
     path = Path(shard_dir) / MANIFEST_NAME
+    if not Path(shard_dir).exists():  # a wrong path, most likely: say so before suggesting a build
+        raise FileNotFoundError(f"shard folder {shard_dir} does not exist: check the path, or build "
+                                "shards first (shards/make_shards.py)")
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no {MANIFEST_NAME} in {shard_dir}: build shards first, e.g. "
-            f"`python shards/make_shards.py demo --motions 2000 --out {shard_dir}`"
-        )
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {shard_dir}: not a shard folder; build shards "
+                                "first (shards/make_shards.py)")
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    check_format(manifest, str(path))
+    (check_manifest if names_checked else check_format)(manifest, str(path))
     return manifest
+
+
+def check_manifest(manifest: Any, where: str) -> None:
+    """ShardSetError (one line) unless `manifest` is of FORMAT_VERSION and names its shards and
+    indexes by plain file names: every reader of a manifest runs this before using it."""
+    check_format(manifest, where)
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        raise ShardSetError(f"{where}: no splits; {RESHARD}")
+    for split, entry in splits.items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list):
+            raise ShardSetError(f"{where}: split {str(split)!r:.40} lists no shards; {RESHARD}")
+        for record in shards:
+            if not isinstance(record, dict):
+                raise ShardSetError(f"{where}: a shard record is not an object; {RESHARD}")
+            check_file_name(record.get("path"), where)
+            if "index" in record:
+                check_file_name(record["index"], where)
+
+
+def check_file_name(name: Any, where: str) -> str:
+    """`name` if it is a plain file name (FILE_NAME), else ShardSetError naming `where`."""
+    if not isinstance(name, str) or not FILE_NAME.fullmatch(name):
+        raise ShardSetError(f"{where}: names a shard file {str(name)!r:.80}; a manifest names "
+                            f"its shards and indexes by plain file names ({FILE_NAME.pattern}), "
+                            f"nothing else is read")
+    return name
+
+
+def runs_command(location: str) -> bool:
+    """Whether webdataset's gopen would run `location` as a shell command (`pipe:`)."""
+    return urlparse(location.strip()).scheme == "pipe"
+
+
+def shared_location(location: Any, source: str) -> str:
+    """A shard location read from a file others may hand over (a bundle's or run's config):
+    a folder or a URL that runs nothing; a `pipe:` location is refused, naming `source`.
+    Only what the user types (their config file, a command-line value) may run a command."""
+    if not isinstance(location, str) or not location.strip():
+        raise ShardSetError(f"{source}: data.shards is not a shard location; give --shards DIR")
+    if runs_command(location):
+        raise ShardSetError(f"{source}: data.shards {location!r:.80} is a `pipe:` command; a "
+                            f"location read from a shared file never runs one: give --shards DIR")
+    return location
 
 
 def check_format(manifest: Any, where: str) -> None:

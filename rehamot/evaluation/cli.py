@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from rehamot.config import load_config
     from rehamot.data import data_config
-    from rehamot.data.schema import load_manifest
+    from rehamot.data.schema import load_manifest, shared_location
     from rehamot.models.bundle import CONFIG_FILE, find_bundle, load_bundle
     from rehamot.models.factory import build_tokenizer
 
@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(bundle / CONFIG_FILE)
     if args.shards:
         cfg.data.shards = args.shards
+    else:  # the bundle's config may come from anyone: its location must run nothing
+        shared_location(cfg.data.shards, str(bundle / CONFIG_FILE))
     corpus = load_manifest(cfg.data.shards).get("corpus")
     nsim = args.nsim or (corpus if corpus in NSIM_CORPORA else None)
     eval_set = EvalSet(data_config(cfg, args.split), build_tokenizer(cfg), world.rank, world.world_size)

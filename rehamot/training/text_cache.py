@@ -101,7 +101,8 @@ def scan_captions(shards: str, split: str, shard_numbers: Iterable[int] | None =
     reading only the JSON members. Unreadable samples and those whose JSON member differs from
     the shard index (digest_mismatch) are counted and warned about by shard and key (strict:
     BadSampleError); every other caption is kept."""
-    records = split_shards(read_manifest(shards), split)
+    manifest = read_manifest(shards)
+    records, cap = split_shards(manifest, split), schema.member_cap(int(manifest["feature_dim"]))
     numbers = range(len(records)) if shard_numbers is None else list(shard_numbers)
     indexes = dict(zip(numbers, load_indexes(shards, [records[n] for n in numbers])))
     scan, warn = CaptionScan(), RateLimitedWarning(log)
@@ -116,7 +117,7 @@ def scan_captions(shards: str, split: str, shard_numbers: Iterable[int] | None =
     for number in numbers:
         record = records[number]
         url, expected, seen = member_url(shards, record["path"]), int(record["samples"]), 0
-        raws = read_members(url, members=frozenset({schema.META_MEMBER}))
+        raws = read_members(url, members=frozenset({schema.META_MEMBER}), max_member=cap)
         while True:
             try:
                 raw = next(raws)
