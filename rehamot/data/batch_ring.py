@@ -15,39 +15,73 @@ writes them (the DataLoader delivers in order), so the slot a permit frees is th
 worker never waits longer than WAIT_S for a permit: past that (a consumer that stopped copying)
 it sends the batch in a fresh segment, the DataLoader's own way, rather than block.
 
-Shared memory (/dev/shm) per loader worker: capacity x B x max_len x F x 4 bytes, touched as
-used: 20 MB at the paper's B = 32 (3 slots, 196 frames, 263 features), 158 MB at B = 256 --
-about what the batches in flight took before, in one place for the epoch.
+Shared memory (/dev/shm) per loader worker: capacity x B x max_len x F x 4 bytes, reserved
+when allocated: 20 MB at the paper's B = 32 (3 slots, 196 frames, 263 features), 158 MB at
+B = 256 -- about what the batches in flight took before, in one place for the epoch. When
+/dev/shm cannot hold the ring (a container's 64 MB default), `BatchRing.allocate` says why and
+returns None: the loader then sends whole batches through its pipe (pipeline.py), and the
+segments torch named before it failed are removed, so nothing is left in /dev/shm.
 """
 from __future__ import annotations
 
 import math
 import multiprocessing
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
-
 RING_KEY = "ring_slot"  # (worker, slot, frames) of a batch whose motions wait in a ring slot
 WAIT_S = 10.0
+
+
+SHM_DIR = Path("/dev/shm")  # where torch names its shared-memory segments (Linux)
 
 
 def shared_zeros(shape: tuple[int, ...]) -> torch.Tensor:
     """A float32 tensor of zeros allocated in shared memory (batch_ring.py's slots).
 
     Allocated there directly: `share_memory_` (the public fallback) would build it in private
-    memory and copy it; a new segment is zero-filled by the kernel.
+    memory and copy it; a new segment is zero-filled by the kernel. When shared memory is full,
+    torch raises RuntimeError but leaves the segment it had named behind: removed here.
     """
     count = math.prod(shape)
+    before = _own_segments()
     try:
-        storage = torch.UntypedStorage._new_shared(count * 4)
-        return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
-    except (AttributeError, TypeError, RuntimeError):
-        return torch.zeros(shape, dtype=torch.float32).share_memory_()
+        try:
+            storage = torch.UntypedStorage._new_shared(count * 4)
+            return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+        except (AttributeError, TypeError, RuntimeError):
+            return torch.zeros(shape, dtype=torch.float32).share_memory_()
+    except RuntimeError:
+        for name in _own_segments() - before:
+            (SHM_DIR / name).unlink(missing_ok=True)
+        raise
+
+
+def _own_segments() -> set[str]:
+    """This process's torch segment names in /dev/shm (torch_<pid>_...); none elsewhere."""
+    try:
+        return {name for name in os.listdir(SHM_DIR) if name.startswith(f"torch_{os.getpid()}_")}
+    except OSError:
+        return set()
 
 
 class BatchRing:
     """Every loader worker's slots for one epoch's DataLoader (created before its workers)."""
+
+    @classmethod
+    def allocate(cls, workers: int, capacity: int, batch_size: int, max_len: int, feature_dim: int
+                 ) -> tuple[BatchRing | None, str | None]:
+        """The ring, or (None, why) when shared memory cannot hold it."""
+        try:
+            return cls(workers, capacity, batch_size, max_len, feature_dim), None
+        except RuntimeError as err:
+            size = workers * capacity * batch_size * max_len * feature_dim * 4
+            return None, (f"the loader's batch ring needs {size / 2**20:.1f} MB of shared memory ({SHM_DIR}) "
+                          f"and could not get it ({str(err).splitlines()[0]}): batches go through the loader "
+                          "workers' pipe instead (slower; e.g. docker run --shm-size=1g gives it room)")
 
     def __init__(self, workers: int, capacity: int, batch_size: int, max_len: int, feature_dim: int) -> None:
         self.capacity, self.batch_size, self.max_len, self.feature_dim = capacity, batch_size, max_len, feature_dim

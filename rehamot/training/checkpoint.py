@@ -11,18 +11,26 @@ position.json and, last, checksums.json (the sha256 of every file) and renames t
 checkpoint and `latest` intact. A checkpoint is trusted only when every file matches its
 checksum: `resume=PATH` refuses a damaged one naming the file; `resume=latest` falls back to
 the newest intact checkpoint with a warning naming the damaged one. Retention deletes older
-checkpoints only after the new one has been read back and verified. The checkpoint folders are
-our own run's files, so accelerate's state files (which pickle RNG states) may be used here;
-nothing shared with others is loaded from them (see export.py).
+checkpoints only after the new one has been read back and verified. A save that cannot be
+written (a full disk, a quota) raises CheckpointSaveError, an OSError naming the checkpoint,
+and removes its `.partial` folder; the previous checkpoints and `latest` are untouched. The
+checkpoint folders are our own run's files, so accelerate's state files (which pickle RNG
+states) may be used here; nothing shared with others is loaded from them (see export.py).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
+
+import torch.distributed
+from safetensors import SafetensorError
 
 from rehamot import checksums
 
@@ -34,6 +42,33 @@ class CheckpointError(checksums.IntegrityError):
 
 LATEST_FILE = "latest"
 CHECKSUM_FILE = checksums.CHECKSUM_FILE
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint that could not be written; `filename` is its folder (the command's OSError
+    handler prints it in one line)."""
+
+
+# What writing a checkpoint's files raises when the disk refuses: OSError; safetensors'
+# SafetensorError ("I/O error: No space left on device"); torch.save's RuntimeError from its
+# zip writer (whose message, "unexpected pos", says nothing). A RuntimeError of torch.distributed
+# is a failed collective, not a write, and keeps its own handling.
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
+
+
+@contextmanager
+def _saving(final: Path, partial: Path, is_main: bool) -> Iterator[None]:
+    try:
+        yield
+    except WRITE_ERRORS as err:
+        if isinstance(err, CheckpointSaveError) or isinstance(err, getattr(torch.distributed, "DistError", ())):
+            raise
+        if is_main:  # its space back for the rest of the run's files
+            shutil.rmtree(partial, ignore_errors=True)
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointSaveError(getattr(err, "errno", None) or errno.EIO,
+                                  f"could not save this checkpoint ({type(err).__name__}: {detail}); the "
+                                  f"previous checkpoints are intact", str(final)) from err
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -153,13 +188,15 @@ def save_checkpoint(
         if final.exists():  # re-saving the same step (e.g. end of run right after a save)
             shutil.rmtree(final)
     barrier()
-    save_state(str(partial))
+    with _saving(final, partial, is_main):
+        save_state(str(partial))
     barrier()
     if is_main:
-        _write_atomic(partial / POSITION_FILE, json.dumps(position, indent=1, sort_keys=True))
-        write_checksums(partial)  # last: a checkpoint without it is incomplete
-        os.replace(partial, final)
-        _write_atomic(root / LATEST_FILE, final.name + "\n")
+        with _saving(final, partial, is_main):
+            _write_atomic(partial / POSITION_FILE, json.dumps(position, indent=1, sort_keys=True))
+            write_checksums(partial)  # last: a checkpoint without it is incomplete
+            os.replace(partial, final)
+            _write_atomic(root / LATEST_FILE, final.name + "\n")
         verify_checkpoint(final)  # read back before anything older is deleted
         for old in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)

@@ -4,10 +4,15 @@ In a terminal a rich progress bar shows the step, loss, speed and time left; whe
 goes to a file (a log, CI, SLURM) each logged step is one plain line instead, since a progress
 bar would collapse into one clipped line there. Only the main process creates a RunLog; the
 other ranks get a `NullLog` with the same methods.
+
+metrics.jsonl holds one record per step: a run resumed from step s first drops the records of
+steps after s that the stopped run wrote past its checkpoint (a kill -9 between two saves),
+since it logs those steps again.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,12 +35,14 @@ def _duration(seconds: float) -> str:
 
 class RunLog:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, console: Console | None = None,
-                 loss_name: str | None = None):
+                 loss_name: str | None = None, resumed: bool = False):
         from torch.utils.tensorboard import SummaryWriter  # heavy import: main process only
 
         self.console = console or Console()
         self.total_steps, self.start_step, self.loss_name = total_steps, start_step, loss_name
         self.started = time.perf_counter()
+        if resumed:
+            drop_records_after(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self.progress: Progress | None = None
@@ -92,6 +99,29 @@ class RunLog:
             self.progress.stop()
         self.jsonl.close()
         self.tb.close()
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite `path` (atomically) without the records of steps after `step`, nor a last line
+    the kill cut short; every other line is kept as it was."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    kept = [line if line.endswith("\n") else line + "\n"
+            for line in text.splitlines(keepends=True) if _keep(line, step)]
+    if "".join(kept) == text:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _keep(line: str, step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line.endswith("\n")  # without its newline: a record cut short by the kill
+    return not (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step)
 
 
 class NullLog:

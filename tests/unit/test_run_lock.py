@@ -50,3 +50,41 @@ def test_another_host_or_job_is_never_taken_over(tmp_path, monkeypatch):
     with pytest.raises(RunDirLocked, match=f"remove {tmp_path / LOCK_FILE}"):
         RunLock.acquire(tmp_path)
     assert json.loads((tmp_path / LOCK_FILE).read_text())["host"] == "node-elsewhere"  # untouched
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _take(run_dir: str, barrier, results) -> None:
+    from pathlib import Path
+
+    barrier.wait()
+    try:
+        RunLock.acquire(Path(run_dir))
+        results.put("won")
+    except RunDirLocked:
+        results.put("refused")
+
+
+def test_many_processes_taking_over_a_stale_lock_at_once_leave_one_winner(tmp_path):
+    """Each winner keeps the lock (never releases it), so a second winner is a real double owner."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    takers = 20
+    for trial in range(20):
+        run_dir = tmp_path / f"run{trial}"
+        _write_holder(run_dir, host=socket.gethostname(), pid=_dead_pid(), slurm_job_id=None)
+        barrier, results = ctx.Barrier(takers), ctx.Queue()
+        procs = [ctx.Process(target=_take, args=(str(run_dir), barrier, results)) for _ in range(takers)]
+        for proc in procs:
+            proc.start()
+        outcomes = sorted(results.get(timeout=60) for _ in procs)
+        for proc in procs:
+            proc.join(timeout=60)
+        assert outcomes.count("won") == 1, (trial, outcomes)
+        holder = json.loads((run_dir / LOCK_FILE).read_text())
+        assert holder["pid"] in {proc.pid for proc in procs}
