@@ -28,9 +28,9 @@ from rehamot.retrieval.index import (
     MotionHit,
     SearchError,
     SearchIndex,
-    _checked_k,
-    _checked_text,
     build_index,
+    checked_k,
+    checked_text,
     motion_query_json,
     text_query_json,
 )
@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="print the results as JSON")
     serve = commands.add_parser("serve", help="a local search page with animated stick figures")
     serve.add_argument("run_dir")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: this machine only; the page has no authentication)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--verbose", action="store_true", help="log every request to stderr")
     return parser
@@ -94,8 +95,8 @@ def _query(args: argparse.Namespace) -> None:
     if len(given) != 1:
         raise SearchError("give one query: a text, --motion ID or --motion-file MOTION.npy")
     if args.text is not None:
-        _checked_text(args.text)  # fail before loading anything
-    _checked_k(args.top_k)
+        checked_text(args.text)  # fail before loading anything
+    checked_k(args.top_k)
     index = SearchIndex.load(args.run_dir)
     if args.text is not None:
         hits = index.query_text(args.text, args.top_k)

@@ -125,10 +125,10 @@ def build_index(run_dir: str | Path, shards: str | None = None, split: str = "te
     """Encode the split with the run's bundle and write RUN_DIR/index/ (rank 0; atomic)."""
     import torch.distributed as dist
 
-    from rehamot.data import EvalSet, data_config
+    from rehamot.data import EvalSet, data_config, schema
     from rehamot.distributed import init_distributed, local_device
     from rehamot.evaluation.retrieval_eval import encode_split
-    from rehamot.models.bundle import bundle_identity, find_bundle, load_bundle
+    from rehamot.models.bundle import CONFIG_FILE, bundle_identity, find_bundle, load_bundle
     from rehamot.models.factory import build_tokenizer
 
     run_dir = Path(run_dir)
@@ -138,6 +138,8 @@ def build_index(run_dir: str | Path, shards: str | None = None, split: str = "te
     model, cfg, info = load_bundle(bundle, device)
     if shards:
         cfg.data.shards = shards
+    else:  # the bundle's config may come from anyone: its location must run nothing
+        schema.shared_location(cfg.data.shards, str(bundle / CONFIG_FILE))
     eval_set = EvalSet(data_config(cfg, split), build_tokenizer(cfg), world.rank, world.world_size)
     enc = encode_split(model, eval_set, device, batch_size)
     out = run_dir / INDEX_DIR
@@ -276,7 +278,7 @@ class SearchIndex:
 
         from rehamot.data import tokenize
 
-        text = _checked_text(text)
+        text = checked_text(text)
         with self._encode_lock:
             towers = self._model()
             tokens = tokenize(towers.tokenizer, [text], towers.max_text_len)
@@ -338,7 +340,7 @@ class SearchIndex:
     # -- queries ------------------------------------------------------------------------------
     def search_motions(self, query_emb: np.ndarray, k: int = 5, exclude: int | None = None) -> list[MotionHit]:
         """Top-k motions for a unit query embedding (D,), leaving out the motion at `exclude`."""
-        k = _checked_k(k)
+        k = checked_k(k)
         scores = self.motion_emb @ np.asarray(query_emb, dtype=self.motion_emb.dtype)
         if exclude is not None:
             scores[exclude] = -np.inf
@@ -348,7 +350,7 @@ class SearchIndex:
 
     def search_captions(self, query_emb: np.ndarray, k: int = 5, own: int | None = None) -> list[CaptionHit]:
         """Top-k captions for a unit motion embedding (D,); `own` marks the captions of motion `own`."""
-        k = _checked_k(k)
+        k = checked_k(k)
         scores = self.caption_emb @ np.asarray(query_emb, dtype=self.caption_emb.dtype)
         return [CaptionHit(rank, self.caption_ids[i], self.motion_ids[self.caption_motion[i]],
                            self.caption_texts[i], float(scores[i]), bool(self.caption_motion[i] == own))
@@ -364,18 +366,18 @@ class SearchIndex:
 
     def query_text(self, text: str, k: int = 5) -> list[MotionHit]:
         """Top-k motions for a caption-like text."""
-        _checked_k(k)
+        checked_k(k)
         return self.search_motions(self.encode_text(text), k)
 
     def query_motion(self, motion_id: str, k: int = 5) -> list[CaptionHit]:
         """Top-k captions of the index for one of its motions; `own` marks its own captions."""
-        k = _checked_k(k)
+        k = checked_k(k)
         motion = self.motion_position(motion_id)
         return self.search_captions(np.asarray(self.motion_emb[motion]), k, own=motion)
 
     def similar_motions(self, motion_id: str, k: int = 5) -> list[MotionHit]:
         """The k motions nearest to one of the index's motions, itself left out ("more like this")."""
-        k = _checked_k(k)
+        k = checked_k(k)
         motion = self.motion_position(motion_id)
         return self.search_motions(np.asarray(self.motion_emb[motion]), k, exclude=motion)
 
@@ -385,7 +387,7 @@ class SearchIndex:
 
     def query_motion_features(self, features: np.ndarray, k: int = 5) -> MotionQueryResult:
         """The nearest motions and the top captions for raw motion features (T, feature_dim)."""
-        k = _checked_k(k)
+        k = checked_k(k)
         emb = self.encode_motion(features)
         return MotionQueryResult(self.search_motions(emb, k), self.search_captions(emb, k))
 
@@ -398,7 +400,7 @@ class SearchIndex:
         return np.asarray(self.joints[self.joint_offsets[motion]:self.joint_offsets[motion + 1]])
 
 
-def _checked_text(text: str) -> str:
+def checked_text(text: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise SearchError("empty query: give a description to search for, e.g. \"a person jumps twice\"")
     if len(text) > MAX_QUERY_CHARS:
@@ -410,7 +412,7 @@ def _checked_text(text: str) -> str:
     return text.strip()
 
 
-def _checked_k(k: int) -> int:
+def checked_k(k: int) -> int:
     if int(k) < 1:
         raise SearchError(f"top-k must be at least 1, got {k}")
     return int(k)
@@ -431,7 +433,7 @@ def caption_hit_json(hit: CaptionHit) -> dict[str, Any]:
 
 def text_query_json(text: str, hits: Sequence[MotionHit]) -> dict[str, Any]:
     """`query --json` and the page's /api/search: {"query", "hits": [{rank, motion_id, score, captions}]}."""
-    return {"query": _checked_text(text), "hits": [motion_hit_json(hit) for hit in hits]}
+    return {"query": checked_text(text), "hits": [motion_hit_json(hit) for hit in hits]}
 
 
 def motion_query_json(query: dict[str, Any], result: MotionQueryResult) -> dict[str, Any]:

@@ -12,21 +12,33 @@ index stores. It talks to a small JSON API:
     GET /api/info                the index's size, split, layout, fps and skeleton (bones to draw)
 
 Bad input is a JSON {"error": ...} with a 4xx status. The server is the standard library's
-ThreadingHTTPServer: a page and its dozen motion requests are served concurrently, and the
-model (loaded once, before the URL is printed) is the only shared state, guarded by the
-index's own lock. It is meant for one person's machine, not for the internet: it binds
-127.0.0.1 unless told otherwise.
+HTTPServer with a fixed pool of WORKERS handler threads: a page and its dozen motion requests
+are served concurrently, and the model (loaded once, before the URL is printed) is the only
+shared state, guarded by the index's own lock. Under load it degrades by waiting, not by
+growing: a large listen backlog holds the connections not yet accepted, an accepted
+connection waits for its request in one selector loop (a file descriptor, not a thread) and
+is closed if none comes within IDLE_TIMEOUT_S, and at most MAX_CONNECTIONS are held at once.
+
+It is meant for one person's machine, not for the internet: it binds 127.0.0.1 unless told
+otherwise, has no authentication (a non-loopback --host prints a warning), and answers only
+requests addressed to it by its own address, localhost or 127.0.0.1 (the Host header), so a
+web page whose name was rebound to 127.0.0.1 (DNS rebinding) cannot read it.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import queue
+import selectors
 import signal
+import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -35,7 +47,7 @@ from rehamot.retrieval.index import (
     MAX_QUERY_CHARS,
     SearchError,
     SearchIndex,
-    _checked_text,
+    checked_text,
     motion_json,
     motion_query_json,
     text_query_json,
@@ -44,6 +56,10 @@ from rehamot.retrieval.index import (
 WEB_DIR = Path(__file__).with_name("web")
 DEFAULT_K = 10
 MAX_K = 100
+WORKERS = 8  # handler threads: queries share the model's lock; files and JSON overlap
+IDLE_TIMEOUT_S = 5.0  # to send a request after connecting, and for each read or write after that
+MAX_CONNECTIONS = 512  # accepted and not yet closed; the rest wait in the listen backlog
+LOCAL_NAMES = ("localhost", "127.0.0.1")
 # The only files served: a fixed table, so no request path ever reaches the file system.
 STATIC_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
@@ -66,7 +82,7 @@ def _param(params: dict[str, list[str]], name: str, default: str | None = None) 
     return values[-1] if values else default
 
 
-def _checked_k(params: dict[str, list[str]]) -> int:
+def _k_param(params: dict[str, list[str]]) -> int:
     raw = _param(params, "k")
     if raw is None:
         return DEFAULT_K
@@ -110,9 +126,9 @@ def handle_api(index: SearchIndex, path: str, query: str) -> dict[str, Any]:
     segments = path.split("/")[2:]  # "/api/motion/ID" -> ["motion", "ID"]
     params = parse_qs(query, keep_blank_values=True)
     if segments == ["search"]:
-        k = _checked_k(params)
+        k = _k_param(params)
         try:
-            text = _checked_text(_param(params, "q", "") or "")  # empty, or over MAX_QUERY_CHARS
+            text = checked_text(_param(params, "q", "") or "")  # empty, or over MAX_QUERY_CHARS
         except SearchError as err:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(err)) from None
         return text_query_json(text, index.query_text(text, k))
@@ -125,9 +141,18 @@ def handle_api(index: SearchIndex, path: str, query: str) -> dict[str, Any]:
                 return motion_json(index, motion_id)
             except SearchError as err:  # an index without joints
                 raise ApiError(HTTPStatus.NOT_FOUND, str(err)) from None
-        k = _checked_k(params)
+        k = _k_param(params)
         return motion_query_json({"motion_id": motion_id}, index.query_motion_id(motion_id, k))
     raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path[:80]}")
+
+
+def host_allowed(host: str | None, names: set[str], port: int) -> bool:
+    """Whether a request's Host header addresses this server: one of `names`, with the port
+    (a browser leaves out only port 80)."""
+    if not host:
+        return False
+    allowed = {f"{name}:{port}" for name in names} | (names if port == 80 else set())
+    return host.strip().lower() in allowed
 
 
 def make_handler(index: SearchIndex, verbose: bool = False) -> type[BaseHTTPRequestHandler]:
@@ -136,10 +161,20 @@ def make_handler(index: SearchIndex, verbose: bool = False) -> type[BaseHTTPRequ
 
     class SearchPageHandler(BaseHTTPRequestHandler):
         server_version = "rehamot-search"
+        timeout = IDLE_TIMEOUT_S  # a client that stalls mid-request frees its thread
+
+        def _check_host(self) -> None:
+            bound_host, port = self.server.server_address[:2]
+            # the address the client reached: the machine's own address when bound to 0.0.0.0
+            names = {str(bound_host), self.connection.getsockname()[0], *LOCAL_NAMES}
+            if not host_allowed(self.headers.get("Host"), names, port):
+                raise ApiError(HTTPStatus.FORBIDDEN, f"unknown Host {str(self.headers.get('Host'))[:80]!r}: "
+                                                     f"open the page as http://127.0.0.1:{port}/")
 
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
             try:
+                self._check_host()
                 if parts.path in static:
                     body, content_type = static[parts.path]
                     self._send(HTTPStatus.OK, body, content_type)
@@ -175,11 +210,126 @@ def make_handler(index: SearchIndex, verbose: bool = False) -> type[BaseHTTPRequ
     return SearchPageHandler
 
 
-def make_server(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False) -> ThreadingHTTPServer:
+class PageServer(HTTPServer):
+    """An HTTPServer whose threads are a fixed pool: one loop accepts connections and waits for
+    their requests; a connection with a request to read goes to a worker. Idle connections
+    cost a file descriptor until IDLE_TIMEOUT_S, and past MAX_CONNECTIONS open ones the loop
+    stops accepting, so the kernel's backlog holds the rest."""
+
+    request_queue_size = socket.SOMAXCONN  # socketserver's 5 drops bursts (the client retries after 1 s, 3 s, ...)
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], workers: int = WORKERS,
+                 idle_timeout: float = IDLE_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS) -> None:
+        super().__init__(address, handler)
+        self.workers, self.idle_timeout, self.max_connections = workers, idle_timeout, max_connections
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: dict[socket.socket, tuple[Any, float]] = {}  # no request yet: address, deadline
+        self._busy = 0  # handed to a worker and not closed yet
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._stop.clear()
+        self._stopped.clear()
+        self._start_workers()
+        self.socket.setblocking(False)
+        with selectors.DefaultSelector() as selector:
+            try:
+                self._loop(selector, poll_interval)
+            finally:
+                self._stopped.set()
+
+    def _loop(self, selector: selectors.BaseSelector, poll_interval: float) -> None:
+        listening = False
+        while not self._stop.is_set():
+            room = len(self._waiting) + self._busy < self.max_connections
+            if room != listening:  # full: leave new connections in the backlog
+                (selector.register if room else selector.unregister)(self.socket, selectors.EVENT_READ)
+                listening = room
+            for key, _ in selector.select(poll_interval):
+                if key.fileobj is self.socket:
+                    self._accept(selector)
+                else:
+                    selector.unregister(key.fileobj)
+                    self._dispatch(key.fileobj)  # type: ignore[arg-type]
+            self._close_idle(selector)
+
+    def _accept(self, selector: selectors.BaseSelector) -> None:
+        while len(self._waiting) + self._busy < self.max_connections:
+            try:
+                connection, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # out of descriptors, a connection reset before accept: try again later
+                return
+            self._waiting[connection] = (address, time.monotonic() + self.idle_timeout)
+            selector.register(connection, selectors.EVENT_READ)
+
+    def _dispatch(self, connection: socket.socket) -> None:
+        address, _ = self._waiting.pop(connection)
+        with self._lock:
+            self._busy += 1
+        self._jobs.put((connection, address))
+
+    def _close_idle(self, selector: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        for connection, (_, deadline) in list(self._waiting.items()):
+            if deadline > now:
+                break  # accepted in order, so the rest are younger
+            del self._waiting[connection]
+            selector.unregister(connection)
+            self.shutdown_request(connection)
+
+    def _start_workers(self) -> None:
+        while len(self._threads) < self.workers:
+            thread = threading.Thread(target=self._work, name=f"search-page-{len(self._threads)}", daemon=True)
+            thread.start()  # daemon: a slow client never holds up the shutdown
+            self._threads.append(thread)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            connection, address = job
+            try:
+                self.finish_request(connection, address)
+            except Exception:
+                self.handle_error(connection, address)
+            finally:
+                self.shutdown_request(connection)
+                with self._lock:
+                    self._busy -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # the client went away or stalled: nothing to report
+        super().handle_error(request, client_address)
+
+    def shutdown(self) -> None:
+        """Stop `serve_forever` (from another thread) and wait until it has returned."""
+        self._stop.set()
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        for connection in list(self._waiting):
+            self.shutdown_request(connection)
+        self._waiting.clear()
+        for _ in self._threads:
+            self._jobs.put(None)
+        self._threads.clear()
+        super().server_close()
+
+
+def make_server(index: SearchIndex, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False) -> PageServer:
     """A bound server for the index (port 0: a free one); `serve_forever` starts it."""
-    server = ThreadingHTTPServer((host, port), make_handler(index, verbose))
-    server.daemon_threads = True  # a slow client never holds up the shutdown
-    return server
+    return PageServer((host, port), make_handler(index, verbose))
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False,
@@ -194,6 +344,10 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, verbos
     except OSError as err:
         raise SearchError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     bound_host, bound_port = server.server_address[:2]
+    if not is_loopback(host):
+        print(f"search: warning: the page has no authentication: anyone who can reach {bound_host}:{bound_port} "
+              "can search this run's index (bind 127.0.0.1, the default, to keep it to this machine)",
+              file=sys.stderr)
     split = index.meta.get("split", "")
     announce(f"search page for {run_dir} ({index.num_motions} {split} motions, model loaded in "
              f"{time.perf_counter() - started:.1f} s): http://{bound_host}:{bound_port}/  (Ctrl-C stops it)")

@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "rehamot"
 ENTRY_POINTS = {"rehamot.train", "rehamot.evaluate", "rehamot.search", "rehamot.render",
                 "rehamot.evaluate_generation"}
-REEXPORTS = {"rehamot.kinematics": "rehamot.motion.kinematics", "rehamot.search_index": "rehamot.retrieval.index"}
+# documented import paths -> the modules they re-export
+REEXPORTS = {"rehamot.kinematics": {"rehamot.motion.kinematics", "rehamot.motion.features", "rehamot.motion.skeletons"},
+             "rehamot.search_index": {"rehamot.retrieval.index"}}
 FOUNDATION = {"rehamot.config", "rehamot.checksums", "rehamot.distributed", "rehamot.progress"}
 SUBPACKAGES = {"data", "models", "motion", "loss", "evaluation", "retrieval", "training"}
 # What each part may import besides itself (the README's table of parts says the same).
@@ -29,8 +31,12 @@ MAY_IMPORT = {
     "retrieval": {"foundation", "data", "models", "motion", "evaluation"},
     "training": {"foundation", "data", "models", "motion", "loss", "evaluation"},
 }
-NUMPY_ONLY = {"rehamot.evaluation.retrieval_metrics", "rehamot.evaluation.generation_metrics", "rehamot.motion.kinematics"}
-NO_DISTRIBUTED = {"rehamot.loss.chunked", "rehamot.loss.dense", "rehamot.evaluation.retrieval_metrics", "rehamot.models",
+NUMPY_ONLY = {"rehamot.evaluation.retrieval_metrics", "rehamot.evaluation.generation_metrics",
+              "rehamot.motion.kinematics", "rehamot.motion.features", "rehamot.motion.skeletons",
+              "rehamot.motion.physics"}  # numpy (and scipy): no torch, rich or matplotlib
+NO_DISTRIBUTED = {"rehamot.loss.chunked", "rehamot.loss.dense", "rehamot.loss.pairs", "rehamot.loss.cores",
+                  "rehamot.loss.negative_search",
+                  "rehamot.evaluation.retrieval_metrics", "rehamot.models",
                   "rehamot.motion", "rehamot.data"}
 
 
@@ -119,8 +125,8 @@ def test_entry_points_are_thin_and_import_one_cli_each():
 
 
 def test_re_exports_import_only_their_module():
-    for module, target in REEXPORTS.items():
-        assert {i for i in imports(module) if i.startswith("rehamot") and not in_family(i, {target})} == set()
+    for module, targets in REEXPORTS.items():
+        assert {i for i in imports(module) if i.startswith("rehamot") and not in_family(i, targets)} == set()
 
 
 @pytest.mark.parametrize("prefix", ["torch.distributed", "accelerate", "deepspeed"])
@@ -143,7 +149,7 @@ def test_config_imports_no_torch():
 
 def test_objective_alone_knows_losses_and_distributed():
     both = {m for m in MODULES
-            if "rehamot.distributed" in imports(m) and any(i.startswith("rehamot.loss.chunked") for i in imports(m))}
+            if "rehamot.distributed" in imports(m) and any(i.startswith("rehamot.loss.cores") for i in imports(m))}
     assert both == {"rehamot.loss.objective"}
 
 
@@ -176,6 +182,18 @@ def test_no_module_acts_at_import_time():
                 if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr in acting:
                     found.append(f"{module}: {ast.unparse(call)[:60]}")
     assert found == []
+
+
+def test_no_module_imports_a_private_name_of_another_module():
+    private = {}
+    for module in MODULES:
+        tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+        names = {f"{node.module}.{alias.name}" for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rehamot")
+                 for alias in node.names if alias.name.startswith("_")}
+        if names:
+            private[module] = names
+    assert private == {}
 
 
 def test_no_sys_path_edits_in_the_package():
