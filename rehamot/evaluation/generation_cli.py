@@ -1,7 +1,7 @@
 """Score generated motions with a trained model as the evaluator (Guo et al.'s protocol).
 
     rehamot-eval-generation RUN_OR_BUNDLE --generated DIR [--split test] [--repeats 20]
-        [--batch-size 32] [--seed 0] [--json OUT|-] [--shards DIR]
+        [--batch-size 32] [--seed 0] [--json OUT|-] [--shards DIR] [--worst N [--worst-dir DIR]]
     python rehamot/evaluate_generation.py ...
 
 DIR holds one `<motion_id>.npy` per motion of the split (raw features in the corpus's layout,
@@ -12,15 +12,20 @@ data.shards). Missing or unreadable files are listed and skipped; motions longer
 evaluator's window are cropped to their first frames, as real ones are.
 
 Prints a table (rows real / generated: R-precision top-1/2/3, FID, matching score, diversity,
-multimodality, each mean ± 95% CI over replications) and writes the JSON to --json OUT
-(`-`: stdout). When the bundle has no FID statistics of the split yet, they are computed from
-the real motions and saved into it, so that `Evaluator.load(bundle).score(...)` works later
-without the shards. The library is `rehamot.evaluation.generation_eval`.
+multimodality, each mean ± 95% CI over replications; jitter, foot skating, penetration and
+floating on the joints) and writes the JSON to --json OUT (`-`: stdout), with each generated
+motion's physical measures under "per_motion". --worst N draws the N worst generated motions
+by each physical measure as GIFs into --worst-dir (default: OUT's name with `-worst` beside
+it, or RUN_OR_BUNDLE/generation-worst-<split> without a JSON file). When the bundle has no
+FID statistics of the split yet, they are computed from the real motions and saved into it,
+so that `Evaluator.load(bundle).score(...)` works later without the shards. The library is
+`rehamot.evaluation.generation_eval`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -45,13 +50,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the scores here (- for stdout)")
     parser.add_argument("--shards", default=None, help="shard folder (default: the run's data.shards)")
+    parser.add_argument("--worst", type=int, default=0, metavar="N",
+                        help="draw the N worst generated motions by each physical measure as GIFs")
+    parser.add_argument("--worst-dir", default=None, help="where --worst writes (default: beside the JSON)")
     return parser
 
 
 def _load_npy(path: Path, check) -> tuple[np.ndarray | None, str | None]:
-    """(motion, None) or (None, why it cannot be used)."""
+    """(motion, None) or (None, why it cannot be used). The header is checked against the
+    file's size first: np.load would allocate whatever shape it claims."""
+    from rehamot.data.schema import check_npy_header
+
     try:
-        motion = np.load(path, allow_pickle=False)
+        with open(path, "rb") as stream:
+            check_npy_header(stream, os.fstat(stream.fileno()).st_size)
+            stream.seek(0)
+            motion = np.load(stream, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
         return None, f"unreadable: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
     try:
@@ -97,6 +111,7 @@ def read_generated(folder: Path, ids: Sequence[str], check) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from rehamot.config import load_config
+    from rehamot.data.schema import shared_location
     from rehamot.models.bundle import BUNDLE_FILE, CONFIG_FILE, find_bundle
 
     folder = Path(args.generated)
@@ -106,10 +121,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"no generated motions in {folder}: expected <motion_id>.npy files")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.worst < 0:
+        raise ValueError(f"--worst must be a count of motions, got {args.worst}")
     bundle = find_bundle(args.run_dir)
     cfg = load_config(bundle / CONFIG_FILE)
     feature_dim = int(json.loads((bundle / BUNDLE_FILE).read_text())["feature_dim"])
-    shards = args.shards or cfg.data.shards
+    # the bundle's config may come from anyone: its location must run nothing
+    shards = args.shards or shared_location(cfg.data.shards, str(bundle / CONFIG_FILE))
 
     from rehamot.evaluation.generation_eval import Evaluator, check_motion, read_split
 
@@ -134,7 +152,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = evaluator.score(
         [captions[i] for i in usable], [generated["motions"][i] for i in usable], [real[i] for i in usable],
         repeats=args.repeats, batch_size=args.batch_size, seed=args.seed, split=args.split,
-        generated_repeats=[generated["repeats"][i] for i in repeat_ids] or None)
+        generated_repeats=[generated["repeats"][i] for i in repeat_ids] or None, ids=usable)
     if generated["missing"]:
         notes.append(f"{len(generated['missing'])} of the {len(ids)} {args.split} motions have no generated file "
                      f"(e.g. {', '.join(generated['missing'][:3])}); both rows use the other {len(usable)}")
@@ -148,7 +166,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "missing_ids": generated["missing"], "unreadable": generated["unreadable"], "extra_files": generated["extra"],
         "multimodality_ids": repeat_ids, "seconds": round(time.perf_counter() - start, 2),
     })
+    if args.worst:  # after the timing: drawing is not evaluating
+        result["worst"] = draw_worst(result["per_motion"], generated["motions"], evaluator.layout, worst_dir(args),
+                                     args.worst)
     return result
+
+
+def worst_dir(args: argparse.Namespace) -> Path:
+    """--worst-dir, else OUT's name with `-worst` beside the JSON, else under the run dir."""
+    if args.worst_dir:
+        return Path(args.worst_dir)
+    if args.json and args.json != "-":
+        out = Path(args.json)
+        return out.with_name(f"{out.stem}-worst")
+    return Path(args.run_dir) / f"generation-worst-{args.split}"
+
+
+def worst_ids(per_motion: dict[str, dict[str, Any]], measure: str, count: int) -> list[str]:
+    """The `count` ids with the highest value of `measure` (ties by id), those without one left out."""
+    scored = [(values[measure], motion_id) for motion_id, values in per_motion.items() if values[measure] is not None]
+    return [motion_id for _, motion_id in sorted(scored, key=lambda item: (-item[0], item[1]))[:count]]
+
+
+def draw_worst(per_motion: dict[str, dict[str, Any]], motions: dict[str, np.ndarray], layout: str, folder: Path,
+               count: int) -> dict[str, list[dict[str, Any]]]:
+    """FOLDER/<measure>/<rank>-<id>.gif for the `count` worst generated motions by each measure."""
+    from rehamot.motion.kinematics import features_to_joints
+    from rehamot.motion.physics import MEASURES, UNITS
+    from rehamot.motion.stick_figure import render_animation
+
+    drawn: dict[str, list[dict[str, Any]]] = {}
+    for measure in MEASURES:
+        drawn[measure] = []
+        for rank, motion_id in enumerate(worst_ids(per_motion, measure, count), start=1):
+            value = per_motion[motion_id][measure]
+            path = folder / measure / f"{rank}-{motion_id}.gif"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            render_animation(features_to_joints(motions[motion_id], layout), layout, path,
+                             title=f"{motion_id}: {measure} {value:.3g} {UNITS[measure]}")
+            drawn[measure].append({"motion_id": motion_id, "value": value, "file": str(path)})
+    return drawn
 
 
 def report(result: dict[str, Any], json_out: str | None) -> None:
@@ -169,6 +226,10 @@ def report(result: dict[str, Any], json_out: str | None) -> None:
         console.print(f"note: {note}", highlight=False)
     for item in result["unreadable"][:10]:
         console.print(f"skipped {item['file']}: {item['reason']}", highlight=False)
+    for measure, drawn in result.get("worst", {}).items():
+        if drawn:
+            console.print(f"worst by {measure}: " + ", ".join(d["motion_id"] for d in drawn)
+                          + f" (GIFs in {Path(drawn[0]['file']).parent})", highlight=False)
     text = json.dumps(result, indent=1)
     if json_out == "-":
         print(text)
@@ -176,7 +237,7 @@ def report(result: dict[str, Any], json_out: str | None) -> None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(text + "\n")
         console.print(f"wrote {json_out}", highlight=False)
-    console.print(f"{result['seconds']:.1f} s", highlight=False)
+    console.print(f"evaluation time: {result['seconds']:.1f} s", highlight=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

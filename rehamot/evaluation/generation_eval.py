@@ -30,12 +30,18 @@ FID's reference is the real motions' embeddings when they are given, else the st
 (`fid_stats-<split>.safetensors`, written at the end of training and by
 `evaluate_generation.py`), so a bundle copied anywhere can score without the shards.
 
+What an embedding pooled over frames misses (per-frame noise barely moves R-precision or
+FID) is scored on the joints: jitter, foot skating, penetration and floating
+(`rehamot.motion.physics`), in both rows as the mean over the set's motions, and per
+generated motion under "per_motion" so the worst can be found. They depend on neither the
+caption draws nor the order: like FID, their CI is 0.
+
 The replication logic (`score_embeddings`) is numpy only; torch is imported when an
 `Evaluator` is loaded.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,10 +59,11 @@ from rehamot.evaluation.generation_metrics import (
     r_precision,
 )
 from rehamot.evaluation.generation_metrics import diversity as diversity_metric
+from rehamot.motion import physics
 
 TOP_K = 3
 METRICS = ("r_precision_top1", "r_precision_top2", "r_precision_top3", "fid", "matching_score",
-           "diversity", "multimodality")
+           "diversity", "multimodality") + physics.MEASURES
 FID_STATS_FORMAT = "rehamot-fid-stats/1"
 DEFAULT_REPEATS = 20
 
@@ -213,6 +220,17 @@ def _row(per_replication: dict[str, list], fid: float | None) -> dict[str, Any]:
             row[name], row[f"{name}_ci95"] = mean_ci95(values)
         else:
             row[name], row[f"{name}_ci95"] = None, None
+    for name in physics.MEASURES:  # measured on the joints, by the Evaluator (`with_physics`)
+        row[name], row[f"{name}_ci95"] = None, None
+    return row
+
+
+def with_physics(row: dict[str, Any], means: dict[str, Any]) -> dict[str, Any]:
+    """The row with the set's physical means; CI 0, as FID's: the motion set is fixed, so no
+    replication changes them."""
+    for name in physics.MEASURES:
+        value = means.get(name)
+        row[name], row[f"{name}_ci95"] = value, None if value is None else 0.0
     return row
 
 
@@ -343,6 +361,8 @@ class Evaluator:
         mean, std = bundle_mean_std(info)
         self.mean, self.std = mean, np.maximum(std, STD_FLOOR)  # as rehamot.data.schema.mean_std
         self.feature_dim = int(info["feature_dim"])
+        self.layout = physics.layout_for_width(self.feature_dim)  # None: no joints, no physical measures
+        self.fps = float(info["fps"]) if info.get("fps") else None
         self.max_len = int(cfg.data.max_len)
         self.tokenizer = build_tokenizer(cfg)
         self._identity: dict[str, Any] | None = None
@@ -406,6 +426,19 @@ class Evaluator:
         position = {text: i for i, text in enumerate(unique)}
         return emb[[position[t] for t in texts]] if texts else emb
 
+    # -- physical measures --------------------------------------------------------------------
+    def physics(self, motions: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> dict[str, Any]:
+        """Jitter, foot skating, penetration and floating of raw (un-normalised) motions in the
+        bundle's layout, a dict id -> (T, F) or a list (ids "0", "1", ...): each measure's mean
+        over the set, and "per_motion": {id: {measure: value}} (None where a motion is too
+        short for it). The whole motion counts, not only the window the towers see."""
+        if self.layout is None:
+            raise ValueError(f"physical measures need joints: {self.feature_dim}-wide features match no known "
+                             f"skeleton layout (263: humanml3d, 251: kitml)")
+        items = motions.items() if isinstance(motions, Mapping) else enumerate(motions)
+        checked = {str(key): self.check_motion(m, f"motion {key}") for key, m in items}
+        return physics.measure_motions(checked, self.layout, self.fps)
+
     # -- FID statistics -----------------------------------------------------------------------
     def fid_stats(self, split: str = "test") -> FidStats | None:
         """The real `split` motions' statistics saved in the bundle, or None."""
@@ -420,7 +453,8 @@ class Evaluator:
     def score(self, texts: Sequence[str | Sequence[str]], generated_motions: Sequence[np.ndarray],
               real_motions: Sequence[np.ndarray] | None = None, repeats: int = DEFAULT_REPEATS,
               batch_size: int = GUO_BATCH_SIZE, seed: int = 0,
-              generated_repeats: Sequence[Sequence[np.ndarray]] | None = None, split: str = "test") -> dict[str, Any]:
+              generated_repeats: Sequence[Sequence[np.ndarray]] | None = None, split: str = "test",
+              ids: Sequence[str] | None = None) -> dict[str, Any]:
         """Guo's metrics of the generated motions, and of the real ones on the same prompts.
 
         texts[i] is motion i's caption, or its list of captions (one is drawn per replication);
@@ -428,7 +462,10 @@ class Evaluator:
         generated_repeats: for multimodality, several generations of each of some prompts
         (trimmed to the smallest count, with a note). Without real motions, FID is against the
         bundle's saved statistics of `split`, and the "real" row is None.
-        Returns {"real", "generated", "counts", "notes", "bundle", "split", "fid_reference", "seed"}.
+        Both rows carry the physical measures (see `physics`); "per_motion" has each generated
+        motion's, under ids[i] (default "0", "1", ...).
+        Returns {"real", "generated", "counts", "notes", "bundle", "split", "fid_reference", "seed",
+        "per_motion"}.
         """
         captions = _caption_lists(texts)
         num = len(captions)
@@ -438,6 +475,9 @@ class Evaluator:
             raise ValueError(f"{len(real_motions)} real motions for {num} texts")
         if num < batch_size:  # before any encoding: a doomed call fails at once
             raise ValueError(f"{num} motions is fewer than one R-precision batch of {batch_size}")
+        ids = [str(i) for i in range(num)] if ids is None else [str(i) for i in ids]
+        if len(ids) != num or len(set(ids)) != num:
+            raise ValueError(f"ids: {len(set(ids))} distinct ids for {num} motions")
         reference = None
         if real_motions is None:
             reference = self.fid_stats(split)
@@ -467,10 +507,25 @@ class Evaluator:
         if trimmed:
             result["notes"].append(f"multimodality: {trimmed} prompts with more than {repeat_emb.shape[1]} "
                                    f"generations used their first {repeat_emb.shape[1]}")
+        self._add_physics(result, ids, generated_motions, real_motions)
         result["fid_reference"] = (
             {"source": "real motions", "motions": num} if reference is None else
             {"source": "bundle", "file": fid_stats_file(split), "motions": reference.num_motions})
         return {"bundle": self.identity, "split": split, **result}
+
+    def _add_physics(self, result: dict[str, Any], ids: list[str], generated: Sequence[np.ndarray],
+                     real: Sequence[np.ndarray] | None) -> None:
+        """The physical measures into both rows and "per_motion" (or a note why there are none)."""
+        if self.layout is None:
+            result["per_motion"] = {}
+            result["notes"].append(f"no physical measures: {self.feature_dim}-wide features match no known "
+                                   "skeleton layout")
+            return
+        measured = self.physics(dict(zip(ids, generated)))
+        with_physics(result["generated"], measured)
+        if real is not None:
+            with_physics(result["real"], self.physics(dict(zip(ids, real))))
+        result["per_motion"] = measured["per_motion"]
 
 
 # --------------------------------------------------------------------------- real motions from shards
@@ -498,6 +553,9 @@ def read_split(shards: str, split: str) -> tuple[list[str], dict[str, list[str]]
 
 _COLUMNS = (("R@1", "r_precision_top1"), ("R@2", "r_precision_top2"), ("R@3", "r_precision_top3"),
             ("FID", "fid"), ("MM dist", "matching_score"), ("diversity", "diversity"), ("MModality", "multimodality"))
+# (label, key, factor): heights in cm on screen, where 3 decimals of a metre hide the mm
+_PHYSICS_COLUMNS = (("jitter m/s³", "jitter", 1.0), ("skating", "foot_skating", 1.0), ("penetr. cm", "penetration", 100.0),
+                    ("float cm", "floating", 100.0))
 
 
 def _number(value: float, mean: bool = True) -> str:
@@ -509,21 +567,24 @@ def _number(value: float, mean: bool = True) -> str:
 
 
 def format_scores(result: dict[str, Any], title: str | None = None):
-    """A rich table: rows real / generated, columns the metrics as mean ± CI95 (3 decimals)."""
+    """A rich table: rows real / generated, columns the metrics as mean ± CI95 (3 decimals), and
+    the physical measures when the rows have them (heights in cm; the JSON keeps metres)."""
     from rich.table import Table
 
+    rows = [result.get(name) for name in ("real", "generated")]
+    measured = any(row and row.get(key) is not None for row in rows for _, key, _ in _PHYSICS_COLUMNS)
+    columns = tuple((label, key, 1.0) for label, key in _COLUMNS) + (_PHYSICS_COLUMNS if measured else ())
     table = Table(title=title)
     table.add_column("motions", no_wrap=True)
-    for label, _ in _COLUMNS:
+    for label, _, _ in columns:
         table.add_column(label, justify="right", no_wrap=True)
-    for name in ("real", "generated"):
-        row = result.get(name)
+    for name, row in zip(("real", "generated"), rows):
         if row is None:
-            table.add_row(name, *["-"] * len(_COLUMNS))
+            table.add_row(name, *["-"] * len(columns))
             continue
         cells = []
-        for _, key in _COLUMNS:
+        for _, key, factor in columns:
             value, ci = row.get(key), row.get(f"{key}_ci95")
-            cells.append("-" if value is None else f"{_number(value)} ± {_number(ci, mean=False)}")
+            cells.append("-" if value is None else f"{_number(value * factor)} ± {_number(ci * factor, mean=False)}")
         table.add_row(name, *cells)
     return table
