@@ -33,6 +33,7 @@ shards-summary: $(DEMO_SHARDS)
 	$(PY) shards/make_shards.py summary $(DEMO)
 
 # The main job: train on the demo shards (one process, both cores), then print the test table.
+# Ctrl-C saves a checkpoint and prints the command that continues the run (resume=latest).
 demo: shards-demo
 	$(PY) rehamot/train.py configs/demo.yaml data.shards=$(DEMO) $(ARGS)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -54,6 +55,10 @@ NON_NEGATIVE: Check = (lambda v: v is None or (_finite(v) and v >= 0), "must be 
 POSITIVE: Check = (lambda v: v is None or (_finite(v) and v > 0), "must be > 0")
 COSINE: Check = (lambda v: _finite(v) and -1 < v <= 1, "must be a cosine in (-1, 1]")
 PROBABILITY: Check = (lambda v: v is None or (_finite(v) and 0 <= v < 1), "must be in [0, 1)")
+# numpy's legacy np.random.seed (called by accelerate's set_seed) takes [0, 2**32 - 1]; every
+# other seed is derived from it by hashing or as SeedSequence entropy, which take any such int.
+SEED_RANGE: Check = (lambda v: isinstance(v, int) and 0 <= v <= 2**32 - 1, "must be in [0, 2**32 - 1]")
+FRACTION: Check = (lambda v: _finite(v) and 0 <= v <= 1, "must be a fraction in [0, 1]")
 
 
 def option(default: Any = NO_DEFAULT, help: str = "", *, choices: Sequence[str] | None = None,
@@ -92,6 +97,7 @@ class RunSection(Section):
     dir: Optional[str] = option(None, "run directory; unset: <root>/<name>-<date>-<time>, chosen once on rank 0")
     root: str = option("runs", "parent of the timestamped run directories")
     name: str = option("rehamot", "prefix of the run directory's name")
+    overwrite: bool = option(False, "start over in a run.dir that holds a run: delete that run's files first")
 
 
 @dataclass
@@ -109,6 +115,10 @@ class DataSection(Section):
     shuffle_buffer: int = option(1000, "samples held per worker for shuffling; 0 or 1: no shuffle", check=NON_NEGATIVE)
     max_text_len: int = option(64, "tokens per caption, [CLS]/[SEP] included", check=AT_LEAST_1)
     strict: bool = option(False, "a corrupt sample stops the run (true) or is skipped and counted (false)")
+    # the odd corrupt sample is skipped; more than this share of the samples read (all ranks,
+    # checked at logged steps and epoch ends from 100 samples on) stops the run
+    max_bad_fraction: float = option(0.001, "with strict=false: stop once skipped bad samples exceed this "
+                                            "fraction of the samples read", check=FRACTION)
     length_buckets: int = option(0, "n > 1: batches from pools of n sorted by length (changes the negatives)",
                                  check=NON_NEGATIVE)
 
@@ -159,8 +169,8 @@ class LossConfig(Section):
     margin: float = option(0.2, "hinge margin (sh, mh, droptriple)", check=NON_NEGATIVE)
     threshold_motion: float = option(0.75, "droptriple, symmetric: drop a candidate whose motion is this similar", check=COSINE)
     threshold_text: float = option(0.75, "droptriple, symmetric: drop a candidate whose caption is this similar", check=COSINE)
-    threshold_mode: str = option("symmetric", "symmetric | per_direction (the MMAsia code: anchor/candidate thresholds)",
-                                 choices=THRESHOLD_MODES)
+    threshold_mode: str = option("symmetric", "droptriple: one threshold per modality, or per_direction "
+                                              "(the MMAsia code: anchor/candidate thresholds)", choices=THRESHOLD_MODES)
     threshold_anchor: float = option(0.7, "droptriple, per_direction: threshold on the anchor's own modality", check=COSINE)
     threshold_candidate: float = option(0.9, "droptriple, per_direction: threshold on the candidate's modality", check=COSINE)
     warmup_loss: str = option("sh", "loss during the warm-up", choices=LOSS_NAMES)
@@ -169,7 +179,7 @@ class LossConfig(Section):
     chunk_size: int = option(0, "loss columns per chunk; 0: auto (~4M score cells per chunk)", check=NON_NEGATIVE)
     temperature: float = option(0.07, "InfoNCE initial temperature (learnable)", check=POSITIVE)
     reduction: str = option("mean", "mean over the batch, or the paper's sum", choices=REDUCTIONS)
-    implementation: str = option("chunked", "chunked, or dense (the B x G reference; tests and benchmarks)",
+    implementation: str = option("chunked", "loss kernels; dense: the B x G reference (tests and benchmarks)",
                                  choices=LOSS_IMPLEMENTATIONS)
 
     def check(self) -> None:
@@ -223,19 +233,110 @@ class Config(Section):
     model: ModelSection = option(help="", factory=ModelSection)
     loss: LossConfig = option(help="", factory=LossConfig)
     train: TrainSection = option(help="", factory=TrainSection)
-    seed: int = option(1234, "seed of the data order, crops, captions and initialisation")
+    seed: int = option(1234, "seed of the data order, crops, captions and initialisation", check=SEED_RANGE)
     resume: Optional[str] = option(None, "a checkpoint folder, or latest (none yet: start fresh)")
+
+
+# A config file is a few KB; these bound what a hostile or broken one can cost to read.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 20  # nesting of mappings and lists
+MAX_CONFIG_VALUES = 10_000  # keys, items and scalars, each alias counted as the values it stands for
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe subset (mappings, lists, plain scalars), nested at most MAX_CONFIG_DEPTH deep:
+    a `!!python/...` or any other unknown tag is an error, never an object."""
+
+    depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.depth += 1
+        try:
+            if self.depth > MAX_CONFIG_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_CONFIG_DEPTH} levels deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_undefined(self, node: yaml.Node) -> Any:
+        raise yaml.constructor.ConstructorError(None, None, f"tag {node.tag!r} is not allowed in a config "
+                                                "(plain values only)", node.start_mark)
+
+
+_ConfigLoader.add_constructor(None, _ConfigLoader.construct_undefined)
+
+
+def _too_big(data: Any) -> str | None:
+    """Why `data`, its aliases expanded, is too big or too deep for a config (None: it is not).
+    YAML aliases share one object, so "billion laughs" parses small and expands huge: the walk
+    counts each alias as what it stands for, and stops at the first value past the bounds."""
+    count, stack = 0, [(data, 1)]
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            return f"expands to more than {MAX_CONFIG_VALUES} values (aliases of aliases?)"
+        if depth > MAX_CONFIG_DEPTH:
+            return f"nested more than {MAX_CONFIG_DEPTH} levels deep once its aliases are expanded"
+        children = [*item.keys(), *item.values()] if isinstance(item, dict) else item if isinstance(item, list) else []
+        stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def _yaml_reason(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's mapping, read once and parsed with YAML's safe loader: a file over
+    MAX_CONFIG_BYTES, invalid YAML, a tag, a top level that is not a mapping or aliases that
+    expand past MAX_CONFIG_VALUES are a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" if not path.exists()
+                          else f"config file {path} is not a regular file")
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # never more, whatever the file's size
+    except OSError as err:
+        raise ConfigError(f"config file {path}: cannot read it: {err.strerror or err}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is over {MAX_CONFIG_BYTES // (1 << 20)} MB: not a config")
+    try:
+        data = yaml.load(raw, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path}: {_yaml_reason(err)}") from None
+    if data is None:  # an empty file
+        return {}
+    if not isinstance(data, dict):
+        kind = "a list" if isinstance(data, list) else f"the single value {str(data)[:40]!r}"
+        raise ConfigError(f"config file {path}: the top level must be a mapping of keys to values, not {kind}")
+    reason = _too_big(data)
+    if reason:
+        raise ConfigError(f"config file {path}: {reason}")
+    return data
+
+
+def _config_key_error(err: OmegaConfBaseException, where: str = "") -> ConfigError:
+    key = getattr(err, "full_key", None)
+    reason = str(getattr(err, "msg", err)).splitlines()[0]
+    return ConfigError(f"{where}config key {key!r}: {reason}")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Schema defaults, then the YAML file (if any), then `key=value` overrides."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        data = read_config_file(path)
+        try:  # OmegaConf gets plain data, never the file: its own loader has none of the bounds above
+            merged = OmegaConf.merge(merged, OmegaConf.create(data))
+        except OmegaConfBaseException as err:
+            raise _config_key_error(err, f"config file {path}: ") from None
     try:
-        merged = OmegaConf.structured(Config)
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -243,9 +344,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]  (runs the sections' checks)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        reason = str(getattr(err, "msg", err)).splitlines()[0]
-        raise ConfigError(f"config key {key!r}: {reason}") from None
+        raise _config_key_error(err) from None
     return cfg
 
 
@@ -254,14 +353,19 @@ def to_yaml(cfg: Config) -> str:
 
 
 def schema_options(section: type | None = None, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
-    """(dotted key, default, help) of every option of the schema, in declaration order."""
+    """(dotted key, default, help) of every option of the schema, in declaration order; the help
+    of a choice option ends with its allowed values."""
     for f in fields(section or Config):
         key = f"{prefix}{f.name}"
         if f.default_factory is not NO_DEFAULT and is_dataclass(f.default_factory):  # a section
             yield from schema_options(f.default_factory, f"{key}.")  # type: ignore[arg-type]
             continue
         default = f.default_factory() if f.default_factory is not NO_DEFAULT else f.default
-        yield key, default, f.metadata.get("help", "")
+        yield key, default, _with_choices(f.metadata.get("help", ""), f.metadata.get("choices"))
+
+
+def _with_choices(help_: str, choices: Sequence[str] | None) -> str:
+    return f"{help_} [{' | '.join(choices)}]" if choices else help_
 
 
 def options_help() -> str:

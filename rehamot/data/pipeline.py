@@ -29,7 +29,9 @@ reading its own range again from the start (so one bad sample costs one repeated
 the step count never changes). `batch["bad_samples"]` carries the number of bad samples the
 worker met since its previous batch (a truncated shard counts every sample it lost); a
 resumed epoch's batches carry the counts they carry in the uninterrupted epoch, so a running
-total checkpointed with the position counts each bad sample once.
+total checkpointed with the position counts each bad sample once. `TrainStream.bad_shards()`
+names the shards the workers met bad samples in (counted in memory shared with the workers:
+the batches stay as they are).
 `strict=True` raises BadSampleError naming the shard and key instead.
 
 Resuming needs the same (shards, seed, world_size, batch_size, num_workers).
@@ -37,10 +39,17 @@ Do not pass these loaders through accelerator.prepare: it would re-split or re-s
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
 import itertools
+import multiprocessing
 import os
 import random
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -141,6 +150,13 @@ class TrainStream:
         self.indexes = load_indexes(cfg.shards, records)
         self.tokens = None if tokenizer is None else TokenMemo(tokenizer, cfg.max_text_len)
         self.steps_per_epoch = steps_per_epoch(self.num_samples, world_size, cfg.batch_size)
+        self.ring_refused = False  # /dev/shm could not hold the batch ring: not tried again
+        # bad samples met per shard, in memory the loader workers (forked or spawned) share
+        self.bad_per_shard = multiprocessing.RawArray("q", len(records))
+
+    def bad_shards(self) -> dict[str, int]:
+        """{shard file name: bad samples this process's workers met in it}, this run."""
+        return {url.rsplit("/", 1)[-1]: count for url, count in zip(self.shard_urls, self.bad_per_shard) if count}
 
     def plan(self, epoch: int) -> list[SlotPlan]:
         """This rank's slot plans (one per loader worker) for an epoch."""
@@ -171,7 +187,8 @@ class TrainStream:
         return EpochBatches(DataLoader(
             dataset, batch_size=None, num_workers=workers,
             prefetch_factor=PREFETCH if workers else None, persistent_workers=False,
-            generator=generator, collate_fn=_as_built, worker_init_fn=_freeze_inherited_objects),
+            generator=generator, collate_fn=_as_built,
+            worker_init_fn=functools.partial(_init_worker, os.getpid())),
             dataset.ring, self.tokens if workers else None)
 
 
@@ -179,7 +196,54 @@ def _as_built(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-def _freeze_inherited_objects(worker_id: int) -> None:
+def _init_worker(trainer_pid: int, worker_id: int) -> None:
+    _die_with_trainer(trainer_pid)
+    _freeze_inherited_objects()
+
+
+PARENT_POLL_S = 1.0  # how often the fallback checks that the trainer is still there
+
+
+def _die_with_trainer(trainer_pid: int) -> None:
+    """End this loader worker as soon as its trainer dies, however it dies.
+
+    A trainer killed by SIGKILL runs no cleanup: its workers, blocked handing a batch over a
+    pipe nobody reads, would live on with their memory. On Linux the kernel sends the worker
+    SIGKILL when the thread that forked it exits (the trainer's main thread, which iterates the
+    loaders); elsewhere, and under a fork server, a daemon thread notices the trainer is gone.
+    A trainer that died before the request was made is caught by the check after it.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    parent = os.getppid()
+    if parent != trainer_pid and not _pid_alive(trainer_pid):
+        os._exit(1)
+    threading.Thread(target=_watch_trainer, args=(trainer_pid, parent), daemon=True,
+                     name="rehamot-trainer-watch").start()
+
+
+def _watch_trainer(trainer_pid: int, parent: int) -> None:
+    # re-parented (forked workers) or the trainer's pid gone (a fork server's workers)
+    while os.getppid() == parent and _pid_alive(trainer_pid):
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)  # no cleanup to run: the batches in flight have no reader any more
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _freeze_inherited_objects() -> None:
     """Keep a loader worker's garbage collector off what it inherited from the trainer.
 
     A forked worker holds the trainer's whole heap (torch, transformers: ~10^6 objects). Each
@@ -196,7 +260,8 @@ class EpochBatches:
     A loader worker leaves a batch's padded motions in its ring slot (batch_ring.py) and sends
     the small arrays (masks, lengths, ids, tokens: a few KB) inside the pickled batch, where a
     shared-memory segment each would cost more than their bytes; here the motions are copied
-    out of the slot, the captions' token ids are remembered for the next epoch's workers
+    out of the slot (without a ring, when /dev/shm could not hold it, the motions come inside
+    the pickled batch too), the captions' token ids are remembered for the next epoch's workers
     (token_memo.py) and the arrays become tensors.
     """
 
@@ -227,8 +292,13 @@ class SlotStream(IterableDataset):
         cfg = stream.cfg
         # A worker is handed batch j once the trainer received its batch j - PREFETCH, whose
         # slot is free once copied: PREFETCH + 1 slots keep it from waiting.
-        self.ring = BatchRing(cfg.num_workers, PREFETCH + 1, cfg.batch_size, cfg.max_len,
-                              stream.feature_dim) if cfg.num_workers else None
+        self.ring = None
+        if cfg.num_workers and not stream.ring_refused:
+            self.ring, why = BatchRing.allocate(cfg.num_workers, PREFETCH + 1, cfg.batch_size, cfg.max_len,
+                                                stream.feature_dim)
+            if why:  # said once; the later epochs of the run skip the ring
+                stream.ring_refused = True
+                log.warning(f"WARNING: {why}")
 
     def __len__(self) -> int:
         return self.stream.steps_per_epoch - self.start_step
@@ -240,13 +310,14 @@ class SlotStream(IterableDataset):
         # to slot start_step % nw: rotate so that loader worker 0 serves that slot.
         slot = self.slots[(loader_worker + self.start_step) % len(self.slots)]
         ring = None if info is None or self.ring is None else self.ring.writer(loader_worker)
-        return _SlotReader(self.stream, self.epoch, slot, self.start_step, ring).batches()
+        return _SlotReader(self.stream, self.epoch, slot, self.start_step, ring, info is not None).batches()
 
 
 class _SlotReader:
     def __init__(self, stream: TrainStream, epoch: int, slot: SlotPlan, start_step: int,
-                 ring: RingWriter | None) -> None:
+                 ring: RingWriter | None, in_worker: bool = False) -> None:
         self.stream, self.cfg, self.epoch, self.slot, self.ring = stream, stream.cfg, epoch, slot, ring
+        self.in_worker = in_worker
         self.seed_key = [self.cfg.seed, epoch, slot.rank, slot.worker]
         self.skip_batches = sum(1 for b in slot.batches if b < start_step)
         self.bad_since_batch = 0
@@ -300,13 +371,14 @@ class _SlotReader:
         batch = collate_pairs(items, None, self.cfg.max_text_len, stream.mean, stream.std, out)
         if stream.tokens is not None:
             batch.update(stream.tokens.tokenize(batch["texts"]))
-        if self.ring is None:
+        if not self.in_worker:
             return {key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
                     for key, value in batch.items()}
         if address is not None:  # the motions wait in the ring slot
             del batch["motion"]
             batch[RING_KEY] = address
-        return {key: value.numpy() if isinstance(value, torch.Tensor) and key != "motion"
+        # arrays travel inside the pickled batch; the motions too without a ring (no /dev/shm)
+        return {key: value.numpy() if isinstance(value, torch.Tensor) and (key != "motion" or out is None)
                 else value for key, value in batch.items()}
 
     def _arrange(self, draws: list[tuple[int, int, int]], pool_index: int) -> list[list[int]]:
@@ -354,7 +426,7 @@ class _SlotReader:
 
     def _segment_samples(self, url: str, index: schema.ShardIndex, first: int, stop: int
                          ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
-        raws, seen = read_segment(url, first, stop), 0
+        raws, seen = read_segment(url, first, stop, schema.member_cap(self.stream.feature_dim)), 0
         while True:
             try:
                 raw = next(raws)
@@ -382,6 +454,7 @@ class _SlotReader:
         if self.cfg.strict:
             raise BadSampleError(message)
         self.bad_since_batch += count
+        self.stream.bad_per_shard[self.stream.shard_urls.index(url)] += count
         self.warn(f"skipped {count} {message}")
 
 

@@ -100,6 +100,9 @@ def _not_found(name: str, error: Exception) -> OSError:
     if Path(name).is_dir():
         return OSError(f"cannot load text model from folder {name}: it needs a Hugging Face config.json, "
                        f"weights and tokenizer files (save_pretrained writes them). ({error})")
+    if _looks_like_path(name):  # a download would not help: the folder named is missing
+        return OSError(f"text model folder {name} does not exist: point the text model at a folder "
+                       "that holds the model (or leave it unset for the embedded all-MiniLM-L6-v2)")
     mode = "HF_HUB_OFFLINE is set" if _offline() else "the hub could not provide it"
     return OSError(
         f"cannot load text model {name!r}: it is not a local folder, not in the Hugging Face cache, "
@@ -108,6 +111,11 @@ def _not_found(name: str, error: Exception) -> OSError:
         f".save_pretrained(DIR)` plus the tokenizer), copy DIR here and set the text model to DIR. "
         f"Leaving it unset uses the embedded all-MiniLM-L6-v2. ({type(error).__name__}: {error})"
     )
+
+
+def _looks_like_path(name: str) -> bool:
+    """A filesystem path rather than a hub id ("name" or "org/name")."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _in_hub_cache(name: str) -> bool:
@@ -142,6 +150,8 @@ def check_text_model(name_or_path: str | None) -> None:
         if not (Path(model) / "config.json").is_file():
             raise _not_found(model, FileNotFoundError(f"no config.json in {model}"))
         return
+    if _looks_like_path(model):
+        raise _not_found(model, FileNotFoundError(model))
     if _in_hub_cache(model):
         return
     if _offline() or not _hub_reachable():

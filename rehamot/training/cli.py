@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from rehamot.config import DEFAULT_CONFIG, ConfigError, load_config, options_help
+from rehamot.config import DEFAULT_CONFIG, ConfigError, DataSection, load_config, options_help
 
 # Tests that run training in a subprocess may set this to "module:function"; it is read once,
 # here, and the function is called with the Trainer before the loop (fault injection).
@@ -41,6 +41,14 @@ def _collective_failure(err: RuntimeError) -> bool:
     return any(sign in text for sign in ("timed out", "timeout", "connection closed", "connection reset", "gloo", "nccl"))
 
 
+def refuse(message: str, code: int = 2) -> int:
+    """One line on stderr, from the main process only: under torchrun / accelerate launch every
+    rank refuses alike, and the user reads it once (the launcher adds its own summary)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"rehamot: {message}", file=sys.stderr, flush=True)
+    return code
+
+
 def usage() -> str:
     return f"{__doc__.strip()}\n\nConfig keys (key=default, then what it does):\n{options_help()}\n"
 
@@ -54,37 +62,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(config_path or DEFAULT_CONFIG, overrides)
     except ConfigError as err:
-        print(f"rehamot: {err}", file=sys.stderr)
-        return 2
+        return refuse(str(err))
     from rehamot.data.schema import ShardSetError, check_shard_files, load_manifest
 
     try:
         manifest = load_manifest(cfg.data.shards)
         check_shard_files(cfg.data.shards, manifest)
     except FileNotFoundError as err:
-        print(f"rehamot: {err}\n(or run `make demo`, which builds the demo shards and trains)", file=sys.stderr)
-        return 2
+        # only the demo's own folder is worth building where it is looked for
+        demo = "; `make demo` builds the demo shards there and trains" if cfg.data.shards == DataSection.shards else ""
+        return refuse(f"{err}{demo}")
     except ShardSetError as err:
-        print(f"rehamot: {err}", file=sys.stderr)
-        return 2
+        return refuse(str(err))
     from rehamot.models import check_text_model
 
     try:  # before the run dir exists: a missing model leaves nothing half-made behind
         check_text_model(cfg.model.text_model)
     except OSError as err:
-        print(f"rehamot: {err}", file=sys.stderr)
-        return 2
+        return refuse(str(err))
     empty = [f"data.{key}={getattr(cfg.data, key)}" for key in ("train_split", "val_split", "test_split")
              if not manifest["splits"].get(getattr(cfg.data, key), {}).get("motions")]
     if empty:
-        print(f"rehamot: {', '.join(empty)}: no samples in {cfg.data.shards}/manifest.json (splits there: "
-              f"{', '.join(k for k, v in manifest['splits'].items() if v.get('motions'))}); "
-              "point each at a split with samples", file=sys.stderr)
-        return 2
+        return refuse(f"{', '.join(empty)}: no samples in {cfg.data.shards}/manifest.json (splits there: "
+                      f"{', '.join(k for k, v in manifest['splits'].items() if v.get('motions'))}); "
+                      "point each at a split with samples")
+    return run_training(cfg, manifest)
+
+
+def run_training(cfg, manifest) -> int:
+    """Build the trainer and run it; every refusal is one line and the lock is always released."""
+    from rehamot.data.schema import ShardSetError
     from rehamot.training.checkpoint import CheckpointError
+    from rehamot.training.run_dir import RunRefused
     from rehamot.training.run_lock import RunDirLocked
     from rehamot.training.trainer import Trainer  # the heavy stack, after the cheap checks
 
+    trainer = None
     try:
         trainer = Trainer(cfg, manifest)
         hook = os.environ.get(TEST_HOOK_ENV)
@@ -92,9 +105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             module, function = hook.split(":")
             getattr(importlib.import_module(module), function)(trainer)
         return trainer.run()
+    except RunRefused as err:
+        return 2 if err.said else refuse(str(err))
     except (CheckpointError, RunDirLocked, ShardSetError) as err:
-        print(f"rehamot: {err}", file=sys.stderr)
-        return 2
+        return refuse(str(err))
+    except KeyboardInterrupt:  # outside the training loop (start-up, final evaluation): nothing to save
+        where = f" ({trainer.run_dir}: resume=latest continues from its last checkpoint)" if trainer else ""
+        return refuse(f"interrupted (Ctrl-C){where}", 130)
     except RuntimeError as err:
         if not _collective_failure(err):
             raise
@@ -106,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         if err.filename is None:  # not about a file: a real failure, keep its traceback
             raise
+        # possibly one rank's only: every rank that meets it says so
         print(f"rehamot: {err.filename}: {err.strerror or err} (is the run directory writable, the disk full?)",
               file=sys.stderr)
         return 2
+    finally:
+        if trainer is not None:
+            trainer.release_lock()

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -28,8 +32,17 @@ from rehamot.training import accelerator as accel
 from rehamot.training import checkpoint as ckpt
 from rehamot.training import text_cache as feature_cache
 from rehamot.training.cpu_threads import choose_threads
+from rehamot.training.health import TrainingHealth, check_bad_samples
 from rehamot.training.lr_schedule import gated, lr_multiplier
-from rehamot.training.run_dir import choose_run_dir, write_run_files
+from rehamot.training.run_dir import (
+    RunRefused,
+    check_reuse,
+    choose_run_dir,
+    clear_run,
+    resume_command,
+    run_state,
+    write_run_files,
+)
 from rehamot.training.run_lock import RunDirLocked, RunLock
 from rehamot.training.run_log import NullLog, RunLog
 
@@ -55,6 +68,59 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return random.Random(f"rehamot/step/{seed}/{step}/{rank}").getrandbits(63)
 
 
+def _comparable(value: Any) -> Any:
+    """A local shard folder by its real path (data/demo and ./data/demo are one); else as is."""
+    if isinstance(value, str) and "://" not in value:
+        return os.path.realpath(value)
+    return value
+
+
+def run_end(train, steps_per_epoch: int) -> tuple[int, str, str]:
+    """The step that ends the run, the setting that puts it there (for the user) and the key to
+    raise for more."""
+    by_epochs = train.epochs * steps_per_epoch
+    if train.max_steps and train.max_steps <= by_epochs:
+        return train.max_steps, f"train.max_steps={train.max_steps}", "train.max_steps"
+    later = f"; train.max_steps={train.max_steps} comes later" if train.max_steps else ""
+    return by_epochs, f"train.epochs={train.epochs} of {steps_per_epoch} steps{later}", "train.epochs"
+
+
+class CtrlC:
+    """SIGINT during the loop: the first asks for a checkpoint and a stop at the next step
+    boundary, a second exits at once. Launchers (torchrun, accelerate launch) forward the
+    terminal's Ctrl-C to workers that got it from the terminal already: a copy within
+    SAME_PRESS_S of the first is that same press, not a second one."""
+
+    SAME_PRESS_S = 2.0
+
+    def __init__(self, on_second) -> None:
+        self.first: float | None = None
+        self.on_second, self.pid, self.previous = on_second, os.getpid(), None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:  # a loader worker forked while installed: the trainer decides
+            return
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        elif now - self.first > self.SAME_PRESS_S:
+            self.on_second()
+
+    @property
+    def requested(self) -> bool:
+        return self.first is not None
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
@@ -76,24 +142,36 @@ class Trainer:
         self.run_dir = Path(accel.broadcast_from_main(str(run_dir), self.acc))
         cfg.run.dir = str(self.run_dir)
         self.lock = self.lock_run_dir()
-        self.resume_point = self.find_resume_point()  # checked now: a bad one fails in seconds
+        self.ctrl_c = CtrlC(self.exit_now)
+        try:  # from here on, every way out of start-up releases the lock
+            self.start_up(f"{threads} ({threads_from})")
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def start_up(self, threads: str) -> None:
+        """Every check that can refuse the run, then the run files, then the model and the resume."""
+        cfg, manifest = self.cfg, self.manifest
+        # data: with the text cache the loader does not tokenise, each caption's LM features are looked up
+        self.tokenizer = build_tokenizer(cfg)
+        self.use_text_cache = feature_cache.cache_enabled(cfg.model.text_cache, cfg.model.finetune_lm)
+        try:  # too few shards or samples for this world size: the same answer on every rank
+            self.stream = TrainStream(data_config(cfg, cfg.data.train_split),
+                                      None if self.use_text_cache else self.tokenizer, self.rank, self.world)
+        except ValueError as err:
+            self.refuse(str(err))
+        self.steps_per_epoch = self.stream.steps_per_epoch
+        self.total_steps, self.ends_by, self.limit_key = run_end(cfg.train, self.steps_per_epoch)
+        self.resume_point = self.on_main(self.prepare_run_dir)  # a bad resume fails in seconds
         if self.acc.is_main_process:
             print(f"run directory: {self.run_dir}", flush=True)
-            print(f"CPU threads per process: {threads} ({threads_from})", flush=True)
+            print(f"CPU threads per process: {threads}", flush=True)
+            print(f"the run ends at step {self.total_steps} ({self.ends_by})", flush=True)
             write_run_files(self.run_dir, cfg, {
                 "world_size": self.world, "distributed_type": str(self.acc.distributed_type),
                 "mixed_precision": self.acc.mixed_precision,
             })
         self.acc.wait_for_everyone()
-
-        # data: with the text cache the loader does not tokenise, each caption's LM features are looked up
-        self.tokenizer = build_tokenizer(cfg)
-        self.use_text_cache = feature_cache.cache_enabled(cfg.model.text_cache, cfg.model.finetune_lm)
-        self.stream = TrainStream(data_config(cfg, cfg.data.train_split),
-                                  None if self.use_text_cache else self.tokenizer, self.rank, self.world)
-        self.steps_per_epoch = self.stream.steps_per_epoch
-        total = cfg.train.epochs * self.steps_per_epoch
-        self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
         # model, optimizer, objective
         model = build_model(cfg, feature_dim=int(manifest["feature_dim"]))
@@ -108,10 +186,12 @@ class Trainer:
         self.best_rsum = -math.inf
         self.skipped_steps = 0
         self.bad_samples = 0  # samples the loaders skipped, all ranks, whole run
+        self.health = TrainingHealth()
         self.last_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # for batch_similarity.png
         if self.resume_point is not None:
             self.restore(*self.resume_point)
-        self.log = (RunLog(self.run_dir, self.total_steps, self.step, loss_name=cfg.loss.name)
+        self.log = (RunLog(self.run_dir, self.total_steps, self.step, loss_name=cfg.loss.name,
+                           resumed=bool(cfg.resume))
                     if self.acc.is_main_process else NullLog())
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -134,6 +214,73 @@ class Trainer:
             self.acc.is_main_process, keep=self.cfg.train.keep_checkpoints,
         )
 
+    def on_main(self, check):
+        """`check()` run on the main process, its result on every rank; its refusal stops every
+        rank (the main process prints it, see cli.py)."""
+        result, refusal = None, None
+        if self.acc.is_main_process:
+            try:
+                result = check()
+            except (RunRefused, ckpt.CheckpointError) as err:
+                refusal = str(err)
+            except BaseException:
+                accel.broadcast_from_main((None, None, True), self.acc)
+                raise  # the main process says what failed; the others end quietly
+        result, refusal, failed = accel.broadcast_from_main((result, refusal, False), self.acc)
+        if failed:
+            raise SystemExit(1)
+        if refusal:
+            self.refuse(refusal)
+        return result
+
+    def refuse(self, message: str) -> None:
+        """Stop every rank with one line, which the main process prints before the others exit:
+        a launcher stops the other ranks as soon as one has exited."""
+        if self.acc.is_main_process:
+            print(f"rehamot: {message}", file=sys.stderr, flush=True)
+        self.acc.wait_for_everyone()
+        raise RunRefused(message, said=True)
+
+    def prepare_run_dir(self) -> tuple[Path, dict[str, Any]] | None:
+        """The resume point, once the run dir is known to hold this run only (main process)."""
+        cfg = self.cfg
+        state = run_state(self.run_dir)
+        point = self.find_resume_point()
+        check_reuse(self.run_dir, state, cfg.resume, point and point[0], cfg.run.overwrite)
+        if state and cfg.run.overwrite:
+            print(f"run.overwrite=true: deleted {', '.join(clear_run(self.run_dir))} of the earlier run in "
+                  f"{self.run_dir}", flush=True)
+        if point is None and cfg.resume == "latest" and not self.run_dir_was_looked_up:
+            print(f"resume=latest: no checkpoint in {self.run_dir} yet; starting fresh", flush=True)
+        if point is not None:
+            self.check_left_to_do(*point)
+        return point
+
+    def check_left_to_do(self, path: Path, pos: dict[str, Any]) -> None:
+        """Refuse a resume the limits leave nothing to train for. A checkpoint of this run at its
+        last step, without DONE, still has the export and the test evaluation to do."""
+        step = int(pos["step"])
+        unfinished_end = (step == self.total_steps and path.resolve().parent.parent == self.run_dir.resolve()
+                          and not (self.run_dir / DONE_MARKER).exists())
+        if step >= self.total_steps and not unfinished_end:
+            raise RunRefused(f"resume from {path}: it is at step {step}, and the run ends at step {self.total_steps} "
+                             f"({self.ends_by}): nothing left to train; raise {self.limit_key}")
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def exit_now(self) -> None:
+        """A second Ctrl-C: stop at once, without a checkpoint (the lock goes, the last one stays)."""
+        if self.acc.is_main_process:
+            last = ckpt.latest_checkpoint(self.run_dir)
+            then = (f"the last checkpoint, {last}, is kept; continue with: {resume_command(self.run_dir)}" if last
+                    else f"no checkpoint was saved; start over with: {resume_command(self.run_dir, start_over=True)}")
+            print(f"rehamot: second Ctrl-C: stopped at step {self.step} without saving; {then}",
+                  file=sys.stderr, flush=True)
+        self.release_lock()
+        os._exit(130)
+
     def lock_run_dir(self) -> RunLock | None:
         """The main process takes the run dir's lock; every rank stops if another run holds it."""
         lock, refusal = None, None
@@ -146,7 +293,7 @@ class Trainer:
                 refusal = str(err)
         refusal = accel.broadcast_from_main(refusal, self.acc)
         if refusal:
-            raise RunDirLocked(refusal)
+            self.refuse(refusal)
         return lock
 
     def find_resume_point(self) -> tuple[Path, dict[str, Any]] | None:
@@ -154,18 +301,16 @@ class Trainer:
         written under other settings than the data order needs."""
         path = ckpt.resolve_resume(self.cfg.resume, self.run_dir)
         if path is None:
-            if self.cfg.resume == "latest" and not self.run_dir_was_looked_up and self.acc.is_main_process:
-                print(f"resume=latest: no checkpoint in {self.run_dir} yet; starting fresh", flush=True)
             return None
         pos = ckpt.read_position(path, required=("step", "epoch", "step_in_epoch", "best_rsum"))
         now = {"world_size": self.world, "batch_size": self.cfg.train.batch_size,
-               "num_workers": self.cfg.data.num_workers, "seed": self.cfg.seed}
-        changed = {k: (pos.get(k), v) for k, v in now.items() if pos.get(k) != v}
+               "num_workers": self.cfg.data.num_workers, "seed": self.cfg.seed, "shards": self.cfg.data.shards}
+        changed = {k: (pos.get(k), v) for k, v in now.items() if _comparable(pos.get(k)) != _comparable(v)}
         if changed:
             what = ", ".join(f"{k}={old} then, {new} now" for k, (old, new) in changed.items())
             raise ckpt.CheckpointError(
                 f"resume from {path}: {what}. The data order and the global batch depend on the "
-                "world size, batch size, loader workers and seed, so an exact resume needs the same "
+                "world size, batch size, loader workers, seed and shards, so an exact resume needs the same "
                 "values; relaunch with them (or start a new run from the exported bundle)."
             )
         return path, pos
@@ -197,6 +342,9 @@ class Trainer:
                                  batch_size=self.cfg.train.eval_batch_size, protocols=("captions",))
         metrics = results["captions"]
         self.log.write({"step": self.step, "epoch": self.epoch, **{f"val/{k}": v for k, v in metrics.items()}})
+        self.say(f"val step {self.step}: t2m R@1 {metrics['t2m/R@1']:.1f} R@10 {metrics['t2m/R@10']:.1f} | "
+                 f"m2t R@1 {metrics['m2t/R@1']:.1f} R@10 {metrics['m2t/R@10']:.1f} | rsum {metrics['rsum']:.1f} "
+                 f"(best {max(self.best_rsum, metrics['rsum']):.1f})")
         if metrics["rsum"] > self.best_rsum:
             self.best_rsum = metrics["rsum"]
             self.export("best", {"step": self.step, "val": metrics})
@@ -233,6 +381,10 @@ class Trainer:
         with self.acc.autocast():
             return self.model(inputs)
 
+    def logs_step(self, step: int) -> bool:
+        """Whether the step that ends at `step` writes a metrics record."""
+        return step % self.cfg.train.log_every == 0 or step == self.total_steps
+
     def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         model = self.model
         inputs = self.model_inputs(batch)
@@ -243,8 +395,10 @@ class Trainer:
         else:
             motion_emb, text_emb = self.forward_towers(inputs)
         unwrapped = self.acc.unwrap_model(model)
+        # every dropped pair is counted only on a step that logs it (it costs intra-modal products)
         out = self.objective(motion_emb.float(), text_emb.float(), inputs["motion_index"],
-                             step=self.step, epoch=self.epoch, logit_scale=-torch.log(unwrapped.temperature()))
+                             step=self.step, epoch=self.epoch, logit_scale=-torch.log(unwrapped.temperature()),
+                             count_drops=self.logs_step(self.step + 1))
         loss = out.loss
         if unwrapped.logit_scale.requires_grad and out.loss_name != "infonce":
             loss = loss + 0.0 * unwrapped.logit_scale  # SH warm-up before InfoNCE: DDP needs every grad
@@ -255,12 +409,13 @@ class Trainer:
         host_flags = torch.tensor([
             1.0 if (self.run_dir / PREEMPT_MARKER).exists() else 0.0,
             float(batch.get("bad_samples", 0)),
+            1.0 if self.ctrl_c.requested else 0.0,
         ], dtype=torch.float64)
         flags = torch.cat([(~finite).to(torch.float64).reshape(1), host_flags.to(self.acc.device)])
         # ONE all-reduce per step carries the loss statistics and the flags all ranks must agree on.
         summed = dist_utils.all_reduce_sum(torch.cat([stats_vector(out.stats), flags]))
         stats = summarize_stats(summed[:len(STATS_KEYS)])
-        stats.update(zip(("nonfinite", "preempt", "bad_samples"), summed[len(STATS_KEYS):].tolist()))
+        stats.update(zip(("nonfinite", "preempt", "bad_samples", "interrupt"), summed[len(STATS_KEYS):].tolist()))
         self.bad_samples += int(stats["bad_samples"])
         if stats["nonfinite"] > 0:
             if self.cfg.train.nonfinite == "stop":
@@ -293,59 +448,93 @@ class Trainer:
                            f"(batch {cfg.train.batch_size} per process)")
         val_every = cfg.train.val_every or self.steps_per_epoch
         save_every = cfg.train.save_every or self.steps_per_epoch
-        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-        preempted = False
+        stop = None  # "preempt" (the marker) or "interrupt" (Ctrl-C): save and end the run there
         try:
-            while self.step < self.total_steps and not preempted:
-                loader = self.stream.loader(self.epoch, start_step=self.step_in_epoch)
-                it = iter(loader)
-                epoch_done = False
-                while not epoch_done and self.step < self.total_steps:
-                    t0 = time.perf_counter()
-                    batch = next(it)
-                    data_wait += time.perf_counter() - t0
-                    # A step's random numbers (dropout) are a function of (seed, step, rank), not of
-                    # whatever drew from the global RNG between steps (validation, export, a loader
-                    # created mid-epoch by a resume): a resumed run draws what an uninterrupted one
-                    # did, and ranks draw different masks. Seeds the CPU and every CUDA generator.
-                    torch.manual_seed(step_seed(cfg.seed, self.step, self.rank))
-                    stats = self.train_step(batch)
-                    self.step += 1
-                    self.step_in_epoch += 1
-                    window_steps += 1
-                    if self.step_in_epoch == self.steps_per_epoch:  # the position is the next batch's
-                        self.epoch, self.step_in_epoch, epoch_done = self.epoch + 1, 0, True
-                    record = None
-                    if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
-                        elapsed = time.perf_counter() - window_start
-                        record = self.record(stats, window_steps, elapsed, data_wait)
-                        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-                    self.log.step(self.step, record)
-                    if stats["preempt"] > 0:
-                        preempted = True
-                        break
-                    pause = time.perf_counter()
-                    if self.step % val_every == 0:
-                        self.validate()
-                    if self.step % save_every == 0 and self.step < self.total_steps:
-                        self.save()
-                    window_start += time.perf_counter() - pause  # samples/s counts training only
-                del it, loader
-            final_ckpt = self.save()
-            if preempted:
+            with self.ctrl_c:
+                stop = self.train_loop(val_every, save_every)
+                final_ckpt = self.save()
+            if stop == "preempt":
                 self.log.print(f"preemption marker seen: saved {final_ckpt} at step {self.step}; exiting for requeue")
                 return 0
+            if stop == "interrupt":
+                self.log.close()  # the progress bar ends before the line
+                if self.acc.is_main_process:
+                    print(f"rehamot: interrupted (Ctrl-C) at step {self.step}; saved {final_ckpt}; continue with: "
+                          f"{resume_command(self.run_dir)}", file=sys.stderr, flush=True)
+                return 130
             if self.step % val_every != 0:
                 self.validate()
             self.export("final", {"step": self.step})
             self.finish()
+            self.say(f"bad samples skipped: {self.bad_samples} (data.max_bad_fraction="
+                     f"{self.cfg.data.max_bad_fraction:g})")
             self.log.print(f"done: {self.run_dir}\nnext: rehamot-eval {self.run_dir} --protocol every   "
                            f"(every protocol)\n      rehamot-search index {self.run_dir}   (then query, or serve a page)")
         finally:
             self.log.close()
-            if self.lock is not None:
-                self.lock.release()
+            self.release_lock()
         return 0
+
+    def train_loop(self, val_every: int, save_every: int) -> str | None:
+        """Steps until the end of the run or a stop that all ranks agreed on (returned)."""
+        cfg = self.cfg
+        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        while self.step < self.total_steps:
+            loader = self.stream.loader(self.epoch, start_step=self.step_in_epoch)
+            it = iter(loader)
+            epoch_done = False
+            while not epoch_done and self.step < self.total_steps:
+                t0 = time.perf_counter()
+                batch = next(it)
+                data_wait += time.perf_counter() - t0
+                # A step's random numbers (dropout) are a function of (seed, step, rank), not of
+                # whatever drew from the global RNG between steps (validation, export, a loader
+                # created mid-epoch by a resume): a resumed run draws what an uninterrupted one
+                # did, and ranks draw different masks. Seeds the CPU and every CUDA generator.
+                torch.manual_seed(step_seed(cfg.seed, self.step, self.rank))
+                stats = self.train_step(batch)
+                self.step += 1
+                self.step_in_epoch += 1
+                window_steps += 1
+                if self.step_in_epoch == self.steps_per_epoch:  # the position is the next batch's
+                    self.epoch, self.step_in_epoch, epoch_done = self.epoch + 1, 0, True
+                record = None
+                if self.logs_step(self.step):
+                    elapsed = time.perf_counter() - window_start
+                    record = self.record(stats, window_steps, elapsed, data_wait)
+                    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+                self.log.step(self.step, record)
+                self.check_health(stats, logged=record is not None, epoch_end=epoch_done)
+                # at the last step a stop request is moot: the run finishes
+                if self.step < self.total_steps and stats["interrupt"] > 0:
+                    return "interrupt"
+                if self.step < self.total_steps and stats["preempt"] > 0:
+                    return "preempt"
+                pause = time.perf_counter()
+                if self.step % val_every == 0:
+                    self.validate()
+                if self.step % save_every == 0 and self.step < self.total_steps:
+                    self.save()
+                window_start += time.perf_counter() - pause  # samples/s counts training only
+            del it, loader
+        return None
+
+    def say(self, line: str) -> None:
+        """One unwrapped line of the log, from the main process (above the progress bar, if any)."""
+        if self.acc.is_main_process:
+            print(line, flush=True)
+
+    def check_health(self, stats: dict[str, Any], logged: bool, epoch_end: bool) -> None:
+        """Warn (once per code) of a logged step's signs of a run gone wrong; stop the run when
+        the loaders skipped more bad samples than data.max_bad_fraction allows."""
+        if logged:
+            for warning in self.health.observe(self.step, stats):
+                self.say(f"warning: {warning.code} at step {warning.step}: {warning.message}")
+                self.log.write(warning.record())
+        if logged or epoch_end:  # the same all-reduced counts on every rank: all stop alike
+            read = self.step * self.cfg.train.batch_size * self.world + self.bad_samples
+            check_bad_samples(self.bad_samples, read, self.cfg.data.max_bad_fraction,
+                              self.stream.bad_shards(), self.cfg.data.shards)
 
     def record(self, stats: dict[str, Any], steps: int, elapsed: float, data_wait: float) -> dict[str, Any]:
         groups = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}

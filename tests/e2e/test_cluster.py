@@ -1,7 +1,9 @@
 """Cluster operations, run here as a 2-node SLURM allocation would run them.
 
 - launchers/slurm.sbatch under stub `srun`/`scontrol` (tests/e2e/stubs): the exact command each
-  node runs (a stand-in `accelerate` records it), the USR1/TERM trap, requeue and DONE;
+  node runs (a stand-in `accelerate` records it), the USR1/TERM trap, requeue and DONE; the
+  spool copy submitted from another directory finds its repository (scontrol's Command=, or
+  REHAMOT_HOME), activates its .venv (or REHAMOT_VENV) and passes SRUN_CPUS_PER_TASK on;
 - the same script really training two "nodes" on loopback (two `accelerate launch`, machine
   ranks 0/1, static rendezvous, gloo, 1 process each): the global batch spans both nodes; USR1
   mid-epoch -> checkpoint at a step boundary, exit 0, requeue; the requeued job resumes and ends
@@ -94,6 +96,7 @@ def slurm_env(tmp: Path, fake_accelerate: bool = False, **extra: str) -> dict[st
         SLURM_JOB_ID=JOB_ID, SLURM_JOB_NAME="rehamot", SLURM_NNODES="2", SLURM_JOB_NUM_NODES="2",
         SLURM_JOB_NODELIST="node[001-002]", SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_PER_TASK="8",
         SLURM_GPUS_ON_NODE="4", SLURM_NTASKS_PER_NODE="1",
+        REHAMOT_VENV="",  # the test's environment: activating the repo's .venv would put it before the stubs
     )
     env.pop("OMP_NUM_THREADS")  # the script derives it from the allocation
     env.update(extra)
@@ -233,6 +236,90 @@ def test_sbatch_requeues_neither_finished_nor_crashed_runs(tmp_path, mode, statu
     assert out.returncode == status
     assert not (tmp_path / "stub-logs" / "scontrol.log").exists()
     assert ("DONE" in out.stdout) == (mode == "done")
+
+
+def fake_repo(tmp: Path) -> Path:
+    """A checkout elsewhere: its launchers/slurm.sbatch, rehamot/train.py and a .venv stand-in
+    whose activation puts its bin/ first on PATH; there `accelerate` records the node's whole
+    environment, then hands over to the dry-run stand-in."""
+    repo = tmp / "checkout"
+    for path in ("launchers/slurm.sbatch", "accelerate_config.yaml", "rehamot/train.py"):
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / path, repo / path)
+    bin_dir = repo / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "activate").write_text(f'export VIRTUAL_ENV="{repo / ".venv"}"\nexport PATH="{bin_dir}:$PATH"\n')
+    accelerate = bin_dir / "accelerate"
+    accelerate.write_text('#!/usr/bin/env bash\nenv > "$STUB_LOG_DIR/node$SLURM_NODEID.fullenv"\n'
+                          f'exec "{FAKE_ACCELERATE / "accelerate"}" "$@"\n')
+    accelerate.chmod(0o755)
+    return repo
+
+
+def spool_copy(tmp: Path) -> Path:
+    """What slurmd runs: a copy of the submitted script in its spool folder."""
+    spool = tmp / "spool" / f"job{JOB_ID}"
+    spool.mkdir(parents=True)
+    return Path(shutil.copy(SBATCH, spool / "slurm_script"))
+
+
+def scontrol_knowing_the_job(tmp: Path, command: str) -> Path:
+    """A stub folder whose `scontrol show job` gives the job's Command= (else the shared stub)."""
+    bin_dir = tmp / "scontrol-bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "scontrol"
+    stub.write_text('#!/usr/bin/env bash\nif [[ "$1 $2" == "show job" ]]; then\n'
+                    f'  printf "JobId=%s JobName=rehamot\\n   Command={command} configs/demo.yaml\\n" "$3"; exit 0\nfi\n'
+                    f'exec "{STUBS / "scontrol"}" "$@"\n')
+    stub.chmod(0o755)
+    return bin_dir
+
+
+def node_environment(logs: Path, node: int) -> dict[str, str]:
+    lines = (logs / f"node{node}.fullenv").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def test_sbatch_submitted_from_elsewhere_finds_its_repo_and_activates_its_venv(tmp_path):
+    """The spool copy runs from another directory: the repo is the submitted script's
+    (`scontrol show job` Command=), its .venv is activated, srun gets the task's CPUs."""
+    repo, elsewhere = fake_repo(tmp_path), tmp_path / "home"
+    elsewhere.mkdir()
+    env = slurm_env(tmp_path, fake_accelerate=True, FAKE_ACCELERATE_MODE="done", SLURM_SUBMIT_DIR=str(elsewhere))
+    env.pop("REHAMOT_VENV")
+    env["PATH"] = f"{scontrol_knowing_the_job(tmp_path, str(repo / 'launchers' / 'slurm.sbatch'))}:{env['PATH']}"
+    out = subprocess.run(["bash", str(spool_copy(tmp_path)), "configs/demo.yaml"], cwd=elsewhere, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    logs = tmp_path / "stub-logs"
+    for node in (0, 1):
+        args, node_env = read_args(logs, node), node_environment(logs, node)
+        assert str(repo / "rehamot" / "train.py") in args
+        assert args[args.index("--config_file") + 1] == str(repo / "accelerate_config.yaml")
+        assert node_env["VIRTUAL_ENV"] == str(repo / ".venv")
+        assert node_env["SRUN_CPUS_PER_TASK"] == "8" and node_env["REHAMOT_HOME"] == str(repo)
+
+
+def test_sbatch_takes_rehamot_home_and_refuses_a_repo_it_cannot_find(tmp_path):
+    repo, elsewhere = fake_repo(tmp_path), tmp_path / "home"
+    elsewhere.mkdir()
+    script = spool_copy(tmp_path)  # and the shared scontrol stub knows no job: nothing to go by
+
+    def submit(**extra: str) -> subprocess.CompletedProcess:
+        env = slurm_env(tmp_path, fake_accelerate=True, FAKE_ACCELERATE_MODE="done",
+                        SLURM_SUBMIT_DIR=str(elsewhere), **extra)
+        return subprocess.run(["bash", str(script), "configs/demo.yaml"], cwd=elsewhere, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    out = submit()
+    assert out.returncode == 2 and out.stderr.strip().startswith("rehamot: "), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "REHAMOT_HOME" in out.stderr
+    out = submit(REHAMOT_HOME=str(repo), REHAMOT_VENV=str(repo / ".venv"))
+    assert out.returncode == 0, out.stderr
+    assert str(repo / "rehamot" / "train.py") in read_args(tmp_path / "stub-logs", 0)
+    assert node_environment(tmp_path / "stub-logs", 1)["VIRTUAL_ENV"] == str(repo / ".venv")
+    out = submit(REHAMOT_HOME=str(repo), REHAMOT_VENV=str(tmp_path / "no-venv"))
+    assert out.returncode == 2 and "REHAMOT_VENV" in out.stderr, out.stderr
 
 
 # -- shard placement ---------------------------------------------------------------------------
