@@ -279,12 +279,29 @@ def _bounded_drops(rows_m: Tensor, rows_t: Tensor, row_ids: Tensor, row_index: T
 def _first_max_rows(scores: Tensor) -> Tensor:
     """Per column, the first row holding its maximum (-1 where all are -inf).
 
-    Reducing over rows with indices is ~4x slower than over columns; the max alone is not."""
-    value = scores.amax(dim=0)
-    target = torch.where(value > float("-inf"), value, float("nan"))  # an empty column matches no row
-    rows, cols = torch.nonzero(scores == target[None, :], as_tuple=True)
-    first = torch.full_like(value, scores.shape[0], dtype=torch.int64).scatter_reduce(0, cols, rows, "amin")
+    max(dim=0) with indices is ~10x slower than a max over contiguous memory, so the rows are
+    reduced in blocks: the first block holding the column's maximum, then the row within it."""
+    num_rows, num_cols = scores.shape
+    full = num_rows - num_rows % _MAX_BLOCK
+    cols = torch.arange(num_cols, device=scores.device)
+    if full:
+        blocks = scores[:full].view(full // _MAX_BLOCK, _MAX_BLOCK, num_cols)
+        block_max = blocks.amax(dim=1)
+        value = block_max.amax(dim=0)
+        block = (block_max == value).to(torch.int8).argmax(dim=0)
+        within = (blocks[block, :, cols] == value[:, None]).to(torch.int8).argmax(dim=1)
+        first = block * _MAX_BLOCK + within
+    if full < num_rows:
+        rest_value, rest_row = scores[full:].max(dim=0)
+        if full:
+            later = rest_value > value  # ties stay with the earlier rows
+            value, first = torch.where(later, rest_value, value), torch.where(later, rest_row + full, first)
+        else:
+            value, first = rest_value, rest_row
     return torch.where(value > float("-inf"), first, -1)
+
+
+_MAX_BLOCK = 64
 
 
 def bounded_scan(pairs: Pairs, rows: Tensor | None, thresholds: DropThresholds, chunk_size: int, *,

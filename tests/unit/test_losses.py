@@ -539,3 +539,14 @@ def test_bound_never_rules_out_a_dropped_pair() -> None:
         for x, centres, lowest in ((m, groups.centres_m, groups.lowest_m), (t, groups.centres_t, groups.lowest_t)):
             bound = negative_search._may_exceed(x @ centres.T, lowest, x.shape[1])
             assert bool(((x @ x.T) <= bound.gather(1, member.expand(400, 400))).all())
+
+
+@pytest.mark.parametrize("rows", [1, 5, 63, 64, 65, 130, 200])
+def test_first_max_rows_takes_the_first_of_tied_rows(rows: int) -> None:
+    """The blocked column reduction returns each column's first maximal row, -1 when empty."""
+    gen = torch.Generator().manual_seed(rows)
+    scores = torch.randint(0, 4, (rows, 37), generator=gen).float()  # many exact ties
+    scores[:, 3] = float("-inf")
+    expected = [int(torch.nonzero(column == column.max())[0]) if column.max() > float("-inf") else -1
+                for column in scores.T]
+    assert negative_search._first_max_rows(scores).tolist() == expected
