@@ -96,8 +96,13 @@ def iter_results(tasks: list[MotionTask], options: ConvertOptions, workers: int
 
 
 def write_shards(plan: SourcePlan, out: Path, options: BuildOptions,
-                 converter: dict[str, Any], console=None) -> dict[str, Any]:
-    """Writes every split of `plan` into `out` (an empty staging folder); returns the manifest."""
+                 converter: dict[str, Any], console=None, *,
+                 representation: dict[str, Any] | None = None,
+                 provenance: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Writes every split of `plan` into `out` (an empty staging folder); returns the manifest.
+
+    `representation`: what the features are when the source was converted (recorded as is);
+    `provenance`: motion id -> where it came from, recorded for the motions written."""
     if plan.named_motions == 0:
         raise ShardingError("the corpus is empty: the split files name no motion; "
                             "check --root / --split-dir / --file")
@@ -164,6 +169,8 @@ def write_shards(plan: SourcePlan, out: Path, options: BuildOptions,
         "accounting": accounting,
         "skipped": [s.as_json() for s in skipped],
         "hygiene": plan.hygiene,
+        **({"representation": representation} if representation is not None else {}),
+        **({"provenance": _provenance(provenance, written_ids)} if provenance is not None else {}),
         "created_by": f"rehamot {rehamot.__version__} shards/make_shards.py "
                       f"(converter {CONVERTER_VERSION})",
     }
@@ -196,6 +203,13 @@ def _accounting(plan: SourcePlan, split_entries: dict[str, Any], skipped: list[S
                      "skipped_individually": sum(1 for s in skipped if s.level == "caption")},
         "samples": sum(e["motions"] for e in split_entries.values()),
     }
+
+
+def _provenance(provenance: dict[str, dict[str, Any]], written: set[tuple[str, str]]
+                ) -> dict[str, dict[str, Any]]:
+    """By motion id, sorted: only motions in the shards, so a later check sees what was kept."""
+    ids = {motion_id for _, motion_id in written}
+    return {motion_id: provenance[motion_id] for motion_id in sorted(ids & set(provenance))}
 
 
 def _reason_counts(skipped: list[Skip]) -> str:

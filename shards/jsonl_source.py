@@ -17,6 +17,7 @@ import json
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ class JsonConstant:
         return self.name
 
 
-def _number(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
     """A finite real number (not bool); ints beyond float's range are not."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
@@ -77,7 +78,7 @@ def parse_caption(motion_id: str, index: int, item: Any) -> tuple[Caption | None
         return None, Skip(ref, "empty_caption", "caption text is empty", "caption")
     start, end = item.get("start", 0.0), item.get("end", 0.0)
     try:
-        if not (_number(start) and _number(end)):
+        if not (finite_number(start) and finite_number(end)):
             raise ValueError(f"start/end {start!r:.40}/{end!r:.40} are not finite numbers")
         check_span(float(start), float(end))
     except ValueError as err:
@@ -85,8 +86,10 @@ def parse_caption(motion_id: str, index: int, item: Any) -> tuple[Caption | None
     return Caption(index, item["text"].strip(), float(start), float(end)), None
 
 
-def parse_record(number: int, raw: bytes) -> tuple[dict[str, Any] | None, Skip | None]:
-    """A validated record, or a motion-level skip keyed `line:<n>` (or the id, if known)."""
+def parse_record(number: int, raw: bytes, required: tuple[str, ...] = REQUIRED,
+                 path_key: str = "motion") -> tuple[dict[str, Any] | None, Skip | None]:
+    """A validated record, or a motion-level skip keyed `line:<n>` (or the id, if known).
+    `path_key`: the field naming the record's .npy (the joints source names it `joints`)."""
     where = f"line:{number}"
     try:
         record = json.loads(raw.decode("utf-8"), parse_constant=JsonConstant)
@@ -97,15 +100,16 @@ def parse_record(number: int, raw: bytes) -> tuple[dict[str, Any] | None, Skip |
     except (ValueError, RecursionError) as err:  # over 4300 digits; nesting deeper than the stack
         return None, Skip(where, "bad_record", f"JSON this parser cannot hold: "
                                                f"{type(err).__name__}: {str(err):.80}", "motion")
-    if not isinstance(record, dict) or any(k not in record for k in REQUIRED):
-        return None, Skip(where, "bad_record", f"needs the keys {', '.join(REQUIRED)}", "motion")
+    if not isinstance(record, dict) or any(k not in record for k in required):
+        return None, Skip(where, "bad_record", f"needs the keys {', '.join(required)}", "motion")
     motion_id = record["id"]
     if not isinstance(motion_id, str) or not is_valid_key(motion_id):
         return None, Skip(str(motion_id)[:40] or where, "bad_id", f"{where}: id {motion_id!r:.60}",
                           "motion")
     problems = []
-    if not isinstance(record["motion"], str) or not record["motion"] or "\0" in record["motion"]:
-        problems.append("motion is not a path")
+    file = record[path_key]
+    if not isinstance(file, str) or not file or "\0" in file:
+        problems.append(f"{path_key} is not a path")
     if not isinstance(record["split"], str) or not is_valid_key(record["split"]):
         problems.append(f"split {record['split']!r:.40} is not a name")
     if not isinstance(record["captions"], list):
@@ -136,87 +140,127 @@ def infer_feature_dim(paths: list[Path]) -> int:
     return min(dims, key=lambda d: (-dims[d], d))
 
 
-def read_jsonl(path: Path, *, root: Path | None = None, corpus: str | None = None,
-               fps: float | None = None, feature_dim: int | None = None,
-               allow_val_equals_test: bool = False) -> SourcePlan:
-    """`root`: the folder no motion may resolve outside of (default: the file's folder)."""
+@dataclass
+class Listing:
+    """What the lines of a JSONL corpus name, before any motion is loaded."""
+
+    skipped: list[Skip] = field(default_factory=list)
+    named_motions: int = 0
+    named_captions: int = 0
+    ids_by_split: dict[str, list[str]] = field(default_factory=dict)
+    # each usable record's task (path resolved inside the root) and the record itself
+    tasks: list[tuple[MotionTask, dict[str, Any]]] = field(default_factory=list)
+
+
+def list_records(path: Path, root: Path | None, required: tuple[str, ...] = REQUIRED,
+                 path_key: str = "motion") -> Listing:
+    """Parse every line of `path` into tasks or skips; `root`: the folder no motion may
+    resolve outside of (default: the file's folder). Reads no motion."""
     path = Path(path)
     if not path.is_file():
         raise ShardingError(f"corpus file {path} does not exist: pass --file with a JSONL file, "
-                            f"one record with the keys {', '.join(REQUIRED)} per line")
+                            f"one record with the keys {', '.join(required)} per line")
     root = Path(root) if root is not None else path.parent
     if not root.is_dir():
         raise ShardingError(f"corpus root {root} is not a folder: pass --root with the folder "
                             f"that holds every motion file")
-    skipped: list[Skip] = []
-    named_motions = named_captions = 0
+    listing = Listing()
     seen: set[str] = set()
-    ids_by_split: dict[str, list[str]] = {}
-    tasks: list[MotionTask] = []
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
         if not raw.strip():
             continue
-        named_motions += 1
-        record, problem = parse_record(number, raw)
+        listing.named_motions += 1
+        record, problem = parse_record(number, raw, required, path_key)
         if problem is not None:
-            skipped.append(problem)
+            listing.skipped.append(problem)
             continue
         motion_id, split = record["id"], record["split"]
-        ids_by_split.setdefault(split, []).append(motion_id)
+        listing.ids_by_split.setdefault(split, []).append(motion_id)
         if motion_id in seen:
-            skipped.append(Skip(motion_id, "duplicate_id", f"line:{number} repeats the id",
-                                "motion"))
+            listing.skipped.append(Skip(motion_id, "duplicate_id", f"line:{number} repeats the id",
+                                        "motion"))
             continue
         seen.add(motion_id)
-        named_captions += len(record["captions"])
-        # checked before the file is even looked at: whether a file outside the root exists
-        # is not the manifest's business either
-        motion_path = inside_root(path.parent / record["motion"], root)
-        if motion_path is None:
-            shown = ("an absolute path" if Path(record["motion"]).is_absolute()
-                     else record["motion"])
-            skipped.append(Skip(motion_id, "outside_root",
-                                f"motion {shown} resolves outside the corpus root (an absolute "
-                                f"path, '..' or a symlink); not read: move it inside the root "
-                                f"or pass --root", "motion"))
-            continue
-        if not motion_path.is_file():
-            skipped.append(Skip(motion_id, "missing_motion", f"no file {record['motion']}",
-                                "motion"))
-            continue
-        captions = []
-        for index, item in enumerate(record["captions"]):
-            caption, bad = parse_caption(motion_id, index, item)
-            if bad is not None:
-                skipped.append(bad)
-            else:
-                captions.append(caption)
-        tasks.append(MotionTask(motion_id, split, motion_path, record["motion"],
-                                float(record["fps"]), captions, len(record["captions"])))
-
-    if named_motions == 0:
+        listing.named_captions += len(record["captions"])
+        task = _record_task(path, root, record, path_key, listing.skipped)
+        if task is not None:
+            listing.tasks.append((task, record))
+    if listing.named_motions == 0:
         raise ShardingError(f"{path} holds no records: the corpus is empty; write one JSON "
                             f"record per line")
+    return listing
+
+
+def _record_task(path: Path, root: Path, record: dict[str, Any], path_key: str,
+                 skipped: list[Skip]) -> MotionTask | None:
+    """The record's task with its usable captions, or None with the motion-level skip."""
+    motion_id, file = record["id"], record[path_key]
+    # checked before the file is even looked at: whether a file outside the root exists
+    # is not the manifest's business either
+    motion_path = inside_root(path.parent / file, root)
+    if motion_path is None:
+        shown = "an absolute path" if Path(file).is_absolute() else file
+        skipped.append(Skip(motion_id, "outside_root",
+                            f"{path_key} {shown} resolves outside the corpus root (an absolute "
+                            f"path, '..' or a symlink); not read: move it inside the root "
+                            f"or pass --root", "motion"))
+        return None
+    if not motion_path.is_file():
+        skipped.append(Skip(motion_id, "missing_motion", f"no file {file}", "motion"))
+        return None
+    captions = []
+    for index, item in enumerate(record["captions"]):
+        caption, bad = parse_caption(motion_id, index, item)
+        if bad is not None:
+            skipped.append(bad)
+        else:
+            captions.append(caption)
+    return MotionTask(motion_id, split=record["split"], path=motion_path, file=file,
+                      fps=float(record["fps"]), captions=captions,
+                      named_captions=len(record["captions"]))
+
+
+def val_equals_test(ids_by_split: dict[str, list[str]], allow: bool) -> bool:
+    """Whether val names exactly test's ids; refused unless `allow`."""
+    val, test = set(ids_by_split.get("val", [])), set(ids_by_split.get("test", []))
+    same = bool(val) and val == test
+    if same and not allow:
+        raise ShardingError("the val split is identical to the test split; give them different "
+                            "records, or pass --allow-val-equals-test")
+    return same
+
+
+def plan_listing(listing: Listing, *, corpus: str, feature_dim: int, fps: float,
+                 same_val_test: bool) -> SourcePlan:
+    """The plan of a listing: splits finalised (key collisions, motions left without
+    captions), the hygiene report."""
+    plan = SourcePlan(corpus=corpus, feature_dim=feature_dim, fps=fps, tasks={},
+                      skipped=listing.skipped, named_motions=listing.named_motions,
+                      named_captions=listing.named_captions)
+    by_split: dict[str, list[MotionTask]] = {}
+    for task, _ in listing.tasks:
+        by_split.setdefault(task.split, []).append(task)
+    plan.tasks = {s: finalize_split(ts, plan.skipped) for s, ts in by_split.items()}
+    plan.hygiene = hygiene_report(
+        listing.ids_by_split,
+        {s: [c.text for t in ts for c in t.captions] for s, ts in plan.tasks.items()},
+        same_val_test)
+    return plan
+
+
+def read_jsonl(path: Path, *, root: Path | None = None, corpus: str | None = None,
+               fps: float | None = None, feature_dim: int | None = None,
+               allow_val_equals_test: bool = False) -> SourcePlan:
+    """`root`: the folder no motion may resolve outside of (default: the file's folder)."""
+    listing = list_records(path, root)
+    tasks = [task for task, _ in listing.tasks]
     rates = sorted({t.fps for t in tasks if t.captions})
     if fps is None and len(rates) > 1:
         raise ShardingError(f"the corpus mixes frame rates {rates}; pass --fps F to resample "
                             f"every motion to F frames per second")
     out_fps = fps if fps is not None else (rates[0] if rates else 20.0)
-    val, test = set(ids_by_split.get("val", [])), set(ids_by_split.get("test", []))
-    val_equals_test = bool(val) and val == test
-    if val_equals_test and not allow_val_equals_test:
-        raise ShardingError("the val split is identical to the test split; give them different "
-                            "records, or pass --allow-val-equals-test")
+    same_val_test = val_equals_test(listing.ids_by_split, allow_val_equals_test)
     if feature_dim is None:
         feature_dim = infer_feature_dim([t.path for t in sorted(tasks, key=lambda t: t.id)])
-    plan = SourcePlan(corpus=corpus or path.stem, feature_dim=feature_dim, fps=out_fps,
-                      tasks={}, skipped=skipped, named_motions=named_motions,
-                      named_captions=named_captions)
-    by_split: dict[str, list[MotionTask]] = {}
-    for task in tasks:
-        by_split.setdefault(task.split, []).append(task)
-    plan.tasks = {s: finalize_split(ts, plan.skipped) for s, ts in by_split.items()}
-    plan.hygiene = hygiene_report(
-        ids_by_split, {s: [c.text for t in ts for c in t.captions] for s, ts in plan.tasks.items()},
-        val_equals_test)
-    return plan
+    return plan_listing(listing, corpus=corpus or Path(path).stem, feature_dim=feature_dim,
+                        fps=out_fps, same_val_test=same_val_test)

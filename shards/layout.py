@@ -1,6 +1,7 @@
 """Reader of the HumanML3D folder layout (also KIT-ML's, which has the same shape).
 
     ROOT/new_joint_vecs/<id>.npy   (T, F) motion features
+    ROOT/new_joints/<id>.npy       (T, J, 3) joint positions (read instead with motion_dir)
     ROOT/texts/<id>.txt            one caption per line: caption#tokens#start#end (seconds)
     ROOT/Mean.npy, ROOT/Std.npy    (F,) corpus statistics (optional)
     SPLIT_DIR/{train,val,test}.txt one entry per line: `id` (all captions of the motion) or
@@ -35,6 +36,7 @@ from shards.plan import (
 )
 
 MOTION_DIR = "new_joint_vecs"
+JOINTS_DIR = "new_joints"  # (T, J, 3) joint positions, for `kitml --representation humanml3d`
 TEXT_DIR = "texts"
 
 
@@ -172,12 +174,15 @@ def load_mean_std(root: Path, feature_dim: int, skipped: list[Skip]
 
 def read_layout(root: Path, *, corpus: str, feature_dim: int, fps: float,
                 split_dir: Path | None = None, mirrors: str = "include",
-                allow_val_equals_test: bool = False) -> SourcePlan:
+                allow_val_equals_test: bool = False, motion_dir: str = MOTION_DIR,
+                corpus_stats: bool = True) -> SourcePlan:
+    """`motion_dir`: the folder of the motions under ROOT; `corpus_stats=False` ignores
+    Mean.npy/Std.npy (motions turned into another representation have other statistics)."""
     root = Path(root)
     if not root.is_dir():
         raise ShardingError(f"corpus root {root} does not exist: pass --root with the folder "
                             f"that holds {MOTION_DIR}/ and {TEXT_DIR}/")
-    for sub in (MOTION_DIR, TEXT_DIR):
+    for sub in (motion_dir, TEXT_DIR):
         if not (root / sub).is_dir():
             raise ShardingError(f"{root} has no {sub}/ folder: is --root the corpus folder?")
     skipped: list[Skip] = []
@@ -190,7 +195,8 @@ def read_layout(root: Path, *, corpus: str, feature_dim: int, fps: float,
                             "pass --allow-val-equals-test to shard it anyway")
 
     plan = SourcePlan(corpus=corpus, feature_dim=feature_dim, fps=fps, tasks={},
-                      skipped=skipped, mean_std=load_mean_std(root, feature_dim, skipped))
+                      skipped=skipped,
+                      mean_std=load_mean_std(root, feature_dim, skipped) if corpus_stats else None)
     caption_cache: dict[str, list[CaptionLine]] = {}
     captions_by_split: dict[str, list[str]] = {}
     for split, entries in entries_by_split.items():
@@ -198,7 +204,7 @@ def read_layout(root: Path, *, corpus: str, feature_dim: int, fps: float,
         tasks = []
         for entry in entries:
             plan.named_motions += 1
-            task = _entry_task(root, split, entry, seen, caption_cache, plan, feature_dim,
+            task = _entry_task(root, split, entry, seen, caption_cache, plan, motion_dir,
                                fps, mirrors)
             if task is not None:
                 tasks.append(task)
@@ -211,7 +217,7 @@ def read_layout(root: Path, *, corpus: str, feature_dim: int, fps: float,
 
 def _entry_task(root: Path, split: str, entry: SplitEntry, seen: set[str],
                 caption_cache: dict[str, list[CaptionLine]], plan: SourcePlan,
-                feature_dim: int, fps: float, mirrors: str) -> MotionTask | None:
+                motion_dir: str, fps: float, mirrors: str) -> MotionTask | None:
     """One split entry -> a task, or a motion-level skip recorded in `plan`."""
     motion_id = entry.id
 
@@ -226,7 +232,7 @@ def _entry_task(root: Path, split: str, entry: SplitEntry, seen: set[str],
         skip("duplicate_id", f"named again in {split}.txt")
         return None
     seen.add(motion_id)
-    text_name, motion_name = f"{TEXT_DIR}/{motion_id}.txt", f"{MOTION_DIR}/{motion_id}.npy"
+    text_name, motion_name = f"{TEXT_DIR}/{motion_id}.txt", f"{motion_dir}/{motion_id}.npy"
     # resolved (symlinks, '..') before anything is read; None when outside the root
     text_inside = inside_root(root / text_name, root)
     motion_inside = inside_root(root / motion_name, root)

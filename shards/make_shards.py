@@ -1,9 +1,10 @@
 """Turn a motion-text corpus into WebDataset shards and a manifest.json.
 
     python shards/make_shards.py humanml3d --root HumanML3D --out data/humanml3d --workers 8
-    python shards/make_shards.py kitml --root KIT-ML --out data/kitml
+    python shards/make_shards.py kitml --root KIT-ML --out data/kitml [--representation humanml3d]
     python shards/make_shards.py manifest --file corpus.jsonl --out data/mine [--fps 20]
                                           [--root DIR]
+    python shards/make_shards.py joints --file corpus.jsonl --out data/mine [--root DIR]
     python shards/make_shards.py demo --motions 2000 --out data/demo
     python shards/make_shards.py verify data/demo
     python shards/make_shards.py summary data/demo
@@ -45,6 +46,9 @@ LAYOUT_DEFAULTS = {  # feature dim, fps, min frames (KIT-ML: 24 as in the T2M lo
     "humanml3d": (263, 20.0, 40),
     "kitml": (251, 12.5, 24),
 }
+# HumanML3D's representation (263 features at 20 fps): what `joints` and
+# `kitml --representation humanml3d` write, with HumanML3D's min frames.
+SHARED_DIM, _, SHARED_MIN_FRAMES = LAYOUT_DEFAULTS["humanml3d"]
 
 
 def _build_options(parser: argparse.ArgumentParser) -> None:
@@ -64,10 +68,12 @@ def _build_options(parser: argparse.ArgumentParser) -> None:
                        help="replace an existing --out atomically")
 
 
-def _frame_options(parser: argparse.ArgumentParser, min_frames: int) -> None:
-    parser.add_argument("--min-frames", type=int, default=min_frames,
+def _frame_options(parser: argparse.ArgumentParser, min_frames: int, unset: bool = False,
+                   note: str = "") -> None:
+    """`unset`: the default depends on other options (resolved in _resolve_defaults)."""
+    parser.add_argument("--min-frames", type=int, default=None if unset else min_frames,
                         help=f"skip motions and sub-clips shorter than this (default "
-                             f"{min_frames})")
+                             f"{min_frames}{note})")
     parser.add_argument("--max-frames", type=int, default=196,
                         help="keep the first N frames of longer motions (default 196; "
                              "0: no crop); sub-clips are cut from the parent first")
@@ -90,9 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
                               "or `id:i,j,k` (only those caption lines)")
         sub.add_argument("--mirrors", choices=("include", "exclude"), default="include",
                          help="keep the mirrored M... ids (default include)")
-        sub.add_argument("--feature-dim", type=int, default=dim, help=f"default {dim}")
-        sub.add_argument("--fps", type=float, default=fps, help=f"default {fps:g}")
-        _frame_options(sub, min_frames)
+        sub.add_argument("--feature-dim", type=int, default=None if name == "kitml" else dim,
+                         help=f"default {dim}")
+        sub.add_argument("--fps", type=float, default=fps,
+                         help=f"the corpus's frame rate (default {fps:g})")
+        if name == "kitml":
+            sub.add_argument("--representation", choices=("native", "humanml3d"),
+                             default="native",
+                             help="native: new_joint_vecs/ as they are (251 features); "
+                                  "humanml3d: new_joints/ turned into HumanML3D's 263 features "
+                                  "at 20 fps")
+        note = f"; {SHARED_MIN_FRAMES} with --representation humanml3d" if name == "kitml" else ""
+        _frame_options(sub, min_frames, unset=name == "kitml", note=note)
         _build_options(sub)
 
     sub = commands.add_parser("manifest", help="a JSONL corpus of your own")
@@ -110,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     _frame_options(sub, 40)
     _build_options(sub)
 
+    sub = commands.add_parser("joints", help="a JSONL corpus of joint positions, sharded as "
+                                             "HumanML3D's 263 features at 20 fps")
+    sub.add_argument("--file", type=Path, required=True,
+                     help='JSONL, one {"id", "joints", "skeleton", "fps", "up", "unit", '
+                          '"captions", "split", "source"} per line')
+    sub.add_argument("--root", type=Path, default=None,
+                     help="the folder every joints file must resolve inside (default: the JSONL "
+                          "file's folder)")
+    sub.add_argument("--corpus", default=None, help="corpus name (default: the file's stem)")
+    _frame_options(sub, SHARED_MIN_FRAMES)
+    _build_options(sub)
+
     sub = commands.add_parser("demo", help="the procedural demo corpus (source in OUT/source/)")
     sub.add_argument("--motions", type=int, default=2000, help="number of motions")
     _frame_options(sub, 40)
@@ -120,6 +147,26 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("dir", type=Path)
     return parser
+
+
+def _from_joints(args: argparse.Namespace) -> bool:
+    """Whether the command shards joint positions as HumanML3D's features."""
+    return args.command == "joints" or getattr(args, "representation", "native") == "humanml3d"
+
+
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    """kitml's defaults depend on the representation written."""
+    if args.command != "kitml":
+        return
+    native_dim, _, native_min_frames = LAYOUT_DEFAULTS["kitml"]
+    shared = _from_joints(args)
+    if args.min_frames is None:
+        args.min_frames = SHARED_MIN_FRAMES if shared else native_min_frames
+    if args.feature_dim is None:
+        args.feature_dim = SHARED_DIM if shared else native_dim
+    if shared and args.feature_dim != SHARED_DIM:
+        raise ShardingError(f"--feature-dim {args.feature_dim}: --representation humanml3d "
+                            f"writes HumanML3D's {SHARED_DIM} features; leave --feature-dim out")
 
 
 def _options(args: argparse.Namespace) -> BuildOptions:
@@ -148,34 +195,83 @@ def _build(args: argparse.Namespace, console: Console) -> int:
     # Imported here, not at the top: webdataset pulls in torch (~2 s), and spawned workers
     # re-run this module's top level.
     from shards.build import staging_dir, write_shards  # noqa: PLC0415
-    from shards.layout import read_layout  # noqa: PLC0415
 
+    _resolve_defaults(args)
     options = _options(args)
     with staging_dir(args.out, args.overwrite) as stage:
-        if args.command == "demo":
-            plan = _demo_source(args, stage, console)
-            converter = _converter("humanml3d", args, root="source", motions=args.motions,
-                                   mirrors="include", feature_dim=263, fps=20.0)
-        elif args.command == "manifest":
-            from shards.jsonl_source import read_jsonl  # noqa: PLC0415
-
-            plan = read_jsonl(args.file, root=args.root, corpus=args.corpus, fps=args.fps,
-                              feature_dim=args.feature_dim,
-                              allow_val_equals_test=args.allow_val_equals_test)
-            converter = _converter("manifest", args, file=str(args.file.resolve()),
-                                   root=str(args.root.resolve()) if args.root else None,
-                                   fps=args.fps, feature_dim=plan.feature_dim)
+        if _from_joints(args):
+            manifest = _build_from_joints(args, stage, options)
         else:
-            plan = read_layout(args.root, corpus=args.command, feature_dim=args.feature_dim,
-                               fps=args.fps, split_dir=args.split_dir, mirrors=args.mirrors,
-                               allow_val_equals_test=args.allow_val_equals_test)
-            converter = _converter(args.command, args, root=str(args.root.resolve()),
-                                   split_dir=str(args.split_dir.resolve()) if args.split_dir
-                                   else None, mirrors=args.mirrors,
-                                   feature_dim=args.feature_dim, fps=args.fps)
-        manifest = write_shards(plan, stage, options, converter, Console(stderr=True))
+            plan, converter = _read_source(args, stage, console)
+            manifest = write_shards(plan, stage, options, converter, Console(stderr=True))
     print_summary(manifest, args.out, console)
     return 0
+
+
+def _read_source(args: argparse.Namespace, stage: Path, console: Console
+                 ) -> tuple[SourcePlan, dict]:
+    """The plan and converter record of a source whose motions are features already."""
+    from shards.layout import read_layout  # noqa: PLC0415
+
+    if args.command == "demo":
+        plan = _demo_source(args, stage, console)
+        return plan, _converter("humanml3d", args, root="source", motions=args.motions,
+                                mirrors="include", feature_dim=263, fps=20.0)
+    if args.command == "manifest":
+        from shards.jsonl_source import read_jsonl  # noqa: PLC0415
+
+        plan = read_jsonl(args.file, root=args.root, corpus=args.corpus, fps=args.fps,
+                          feature_dim=args.feature_dim,
+                          allow_val_equals_test=args.allow_val_equals_test)
+        return plan, _converter("manifest", args, file=str(args.file.resolve()),
+                                root=str(args.root.resolve()) if args.root else None,
+                                fps=args.fps, feature_dim=plan.feature_dim)
+    plan = read_layout(args.root, corpus=args.command, feature_dim=args.feature_dim,
+                       fps=args.fps, split_dir=args.split_dir, mirrors=args.mirrors,
+                       allow_val_equals_test=args.allow_val_equals_test)
+    return plan, _converter(args.command, args, root=str(args.root.resolve()),
+                            split_dir=str(args.split_dir.resolve()) if args.split_dir
+                            else None, mirrors=args.mirrors,
+                            feature_dim=args.feature_dim, fps=args.fps)
+
+
+def _build_from_joints(args: argparse.Namespace, stage: Path, options: BuildOptions) -> dict:
+    """Joint positions (a `joints` JSONL, KIT-ML's new_joints) -> HumanML3D features in a
+    scratch folder of the stage (removed before the stage becomes --out) -> the shards."""
+    import shutil  # noqa: PLC0415
+
+    from shards.build import write_shards  # noqa: PLC0415
+    from shards.joints_source import (  # noqa: PLC0415
+        KIT_ML,
+        features_from_joints,
+        read_joints_jsonl,
+        representation,
+    )
+    from shards.layout import JOINTS_DIR, read_layout  # noqa: PLC0415
+
+    if args.command == "joints":
+        plan, specs, provenance = read_joints_jsonl(
+            args.file, root=args.root, corpus=args.corpus,
+            allow_val_equals_test=args.allow_val_equals_test)
+        converter = _converter("joints", args, file=str(args.file.resolve()),
+                               root=str(args.root.resolve()) if args.root else None)
+    else:
+        plan = read_layout(args.root, corpus=args.command, feature_dim=SHARED_DIM, fps=args.fps,
+                           split_dir=args.split_dir, mirrors=args.mirrors,
+                           allow_val_equals_test=args.allow_val_equals_test,
+                           motion_dir=JOINTS_DIR, corpus_stats=False)
+        specs = {t.id: KIT_ML for ts in plan.tasks.values() for t in ts}
+        provenance = None
+        converter = _converter(args.command, args, root=str(args.root.resolve()),
+                               split_dir=str(args.split_dir.resolve()) if args.split_dir
+                               else None, mirrors=args.mirrors, feature_dim=SHARED_DIM,
+                               fps=args.fps, representation=args.representation)
+    scratch = stage / ".features-from-joints"
+    skeletons = features_from_joints(plan, specs, scratch, args.workers, Console(stderr=True))
+    manifest = write_shards(plan, stage, options, converter, Console(stderr=True),
+                            representation=representation(skeletons), provenance=provenance)
+    shutil.rmtree(scratch)
+    return manifest
 
 
 def _demo_source(args: argparse.Namespace, stage: Path, console: Console) -> SourcePlan:
@@ -205,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     errors = Console(stderr=True)
     try:
         if args.command in ("verify", "summary"):
-            schema.load_manifest(args.dir)  # a clear error if DIR holds no shard set
+            # a clear error if DIR holds no shard set; verify reports bad names one by one
+            schema.load_manifest(args.dir, names_checked=args.command != "verify")
         if args.command == "verify":
             from shards.verify import verify_shards  # noqa: PLC0415
 

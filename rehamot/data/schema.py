@@ -82,6 +82,15 @@ SKIP_REASONS = {
     "outside_root": "the path resolves outside the corpus root (a symlink, '..' or an "
                     "absolute path); it is not read",
     "bad_fps": "the record's fps is not a finite number within the accepted range",
+    # the joints source's codes (`rehamot.motion.skeletons.REASONS`, the same keys: tested)
+    "bad_shape": "the joints are not a real (frames, joints, 3) array",
+    "bad_joint_count": "the joint count differs from the named skeleton's",
+    "unknown_skeleton": "the skeleton name is not one of SKELETONS",
+    "not_finite": "the joints contain NaN or inf",
+    "bad_unit": "the unit is not m, cm or mm",
+    "bad_up_axis": "the up axis is not y or z",
+    "too_short": "fewer than 2 frames at 20 fps",
+    "degenerate_pose": "two joints joined by a bone coincide, so the bone has no direction",
     # given by readers of the shards, never written into a manifest
     "digest_mismatch": "a member's bytes differ from the digest its shard index recorded "
                        "at sharding time (the shard was altered after sharding)",
