@@ -26,6 +26,8 @@ score cell that predict its next size.
 
     python benchmarks/loss_memory.py                          # G = 1k ... 64k, D = 256, 2 ranks
     python benchmarks/loss_memory.py --single --batch 8192 --dim 1024
+    python benchmarks/loss_memory.py --single --batch 1024 2048 4096 8192 16384 --dim 1024 \
+        --implementations product chunked
     python benchmarks/loss_memory.py --single --batch 8192 --dim 1024 --rounds 5 \
         --implementations compact dense scan chunked product
 """
@@ -241,7 +243,7 @@ def main() -> None:
                         help="global batch sizes G (global-batch mode)")
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--single", action="store_true", help="one process, one batch of --batch")
-    parser.add_argument("--batch", type=int, default=8192, help="batch size in --single mode")
+    parser.add_argument("--batch", type=int, nargs="+", default=[8192], help="batch sizes in --single mode")
     parser.add_argument("--dim", type=int, default=None, help="embedding size (256; 1024 with --single)")
     parser.add_argument("--chunk-size", type=int, default=LossConfig().chunk_size)
     parser.add_argument("--implementations", nargs="+", default=["dense", "scan", "chunked"], choices=ARMS,
@@ -258,7 +260,7 @@ def main() -> None:
     args = parser.parse_args()
 
     world_size = 1 if args.single else args.world_size
-    sizes = [args.batch] if args.single else args.sizes
+    sizes = args.batch if args.single else args.sizes
     dim = args.dim or (1024 if args.single else 256)
     budget = args.budget_gb * (1 << 30)
     bytes_per_cell = dict(INITIAL_BYTES_PER_CELL)
@@ -275,6 +277,7 @@ def main() -> None:
               "max RSS MB / rank", "predicted MB / rank", "loss", "dropped", "drop rate"]
     print(_row(header))
     print(_row(["---"] * len(header)))
+    ratios: dict[tuple[int, str], list[float]] = {}
     for size in sizes:
         for round_ in range(1, args.rounds + 1):
             times: dict[str, float] = {}
@@ -304,12 +307,17 @@ def main() -> None:
                 first = results[0]
                 times[implementation] = max(r["seconds"] for r in results)
                 ratio = times[implementation] / times[reference] if reference in times else float("nan")
+                ratios.setdefault((size, implementation), []).append(ratio)
                 drop_rate = first["drop_rate"]
                 print(_row(prefix + [
                     f"{times[implementation]:.2f}", f"{ratio:.2f}", f"{peak / MB:,.0f}", f"{rss / MB:,.0f}",
                     f"{predicted / MB:,.0f}", f"{first['loss']:.6f}", f"{first['dropped']:,.0f}",
                     "" if drop_rate != drop_rate else f"{100 * drop_rate:.2f} %",
                 ]), flush=True)
+    print(f"\ntime / {reference} over the rounds (min, median, max):")
+    for (size, implementation), values in ratios.items():
+        values = sorted(values)
+        print(f"  G = {size}, {implementation}: {values[0]:.2f}, {values[len(values) // 2]:.2f}, {values[-1]:.2f}")
     print("\nbytes per score cell at the peak (measured): "
           + ", ".join(f"{k} {v:.1f}" for k, v in bytes_per_cell.items() if k in calibrated))
 

@@ -186,21 +186,24 @@ def _tile_drops(rows_m: Tensor, rows_t: Tensor, block_m: Tensor, block_t: Tensor
 
 @dataclass(frozen=True)
 class _SkipPairs:
-    """(row, column) pairs to leave out of the scores, sorted by column."""
+    """(row, column) pairs to leave out of the scores, as sorted keys column * rows + row (one
+    int64 array: half the memory of two, and sorted by column)."""
 
-    rows: Tensor
-    cols: Tensor
+    keys: Tensor
+    num_rows: int
 
     @classmethod
-    def of(cls, rows: list[Tensor], cols: list[Tensor]) -> _SkipPairs:
-        cols_all, by_col = torch.sort(torch.cat(cols), stable=True)
-        return cls(torch.cat(rows)[by_col], cols_all)
+    def of(cls, rows: list[Tensor], cols: list[Tensor], num_rows: int) -> _SkipPairs:
+        keys = torch.cat([col * num_rows + row for row, col in zip(rows, cols)])
+        return cls(torch.sort(keys).values, num_rows)
 
     def apply(self, scores: Tensor, start: int, stop: int) -> Tensor:
         """Set this chunk's pairs (columns start:stop) to -inf in its (R, C) scores."""
-        lo, hi = torch.searchsorted(self.cols, torch.tensor([start, stop], device=self.cols.device)).tolist()
+        bounds = torch.tensor([start * self.num_rows, stop * self.num_rows], device=self.keys.device)
+        lo, hi = torch.searchsorted(self.keys, bounds).tolist()
+        keys = self.keys[lo:hi]
         minus_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
-        return scores.index_put_((self.rows[lo:hi], self.cols[lo:hi] - start), minus_inf)
+        return scores.index_put_((keys % self.num_rows, keys // self.num_rows - start), minus_inf)
 
 
 def _same_motion_pairs(row_ids: Tensor, row_index: Tensor, col_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,20 +254,30 @@ def _bounded_drops(rows_m: Tensor, rows_t: Tensor, row_ids: Tensor, row_index: T
     cells = float((row_sizes[:, None] * col_sizes[None, :])[need.cpu()].sum())
     if cells > MAX_TILE_SHARE * rows_m.shape[0] * pairs.num_cols:
         return None
-    cols_m_p, cols_t_p = pairs.cols_m.index_select(0, groups.order), pairs.cols_t.index_select(0, groups.order)
-    rows_m_p, rows_t_p = (cols_m_p, cols_t_p) if shared else (
-        rows_m.index_select(0, row_order), rows_t.index_select(0, row_order))
     directions = [(thresholds.mt_motion, thresholds.mt_text)]
     if not thresholds.symmetric:
         directions.append((thresholds.tm_motion, thresholds.tm_text))
-    found: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in directions]
-    for g, h in torch.nonzero(need).tolist():
-        (row_lo, row_hi), (col_lo, col_hi) = row_bounds[g], groups.bounds[h]
-        tile = (rows_m_p[row_lo:row_hi], rows_t_p[row_lo:row_hi], cols_m_p[col_lo:col_hi], cols_t_p[col_lo:col_hi])
-        for (motion_threshold, text_threshold), (rows, cols) in zip(directions, found):
-            tile_rows, tile_cols = torch.nonzero(_tile_drops(*tile, motion_threshold, text_threshold), as_tuple=True)
-            rows.append(row_order[tile_rows + row_lo])
-            cols.append(groups.order[tile_cols + col_lo])
+    tiles = torch.nonzero(need).tolist()
+    drops: list[list[Tensor | None]] = [[None] * len(tiles) for _ in directions]
+    # one modality at a time: a single permuted copy of the columns (and rows) is alive
+    for modality, (rows_x, cols_x) in enumerate(((rows_m, pairs.cols_m), (rows_t, pairs.cols_t))):
+        cols_p = cols_x.index_select(0, groups.order)
+        rows_p = cols_p if shared else rows_x.index_select(0, row_order)
+        for t, (g, h) in enumerate(tiles):
+            (row_lo, row_hi), (col_lo, col_hi) = row_bounds[g], groups.bounds[h]
+            sims = rows_p[row_lo:row_hi] @ cols_p[col_lo:col_hi].T
+            for direction, thresholds_of in zip(drops, directions):
+                drop = sims > thresholds_of[modality]
+                direction[t] = drop if direction[t] is None else direction[t].logical_or_(drop)
+        del cols_p, rows_p
+    found: list[tuple[list[Tensor], list[Tensor]]] = []
+    for direction in drops:
+        rows, cols = [], []
+        for (g, h), drop in zip(tiles, direction):
+            tile_rows, tile_cols = torch.nonzero(drop, as_tuple=True)
+            rows.append(row_order[tile_rows + row_bounds[g][0]])
+            cols.append(groups.order[tile_cols + groups.bounds[h][0]])
+        found.append((rows, cols))
     dropped = zero_count(rows_m.device)
     same_rows, same_cols = _same_motion_pairs(row_ids, row_index, pairs.col_ids)
     skips = []
@@ -272,7 +285,7 @@ def _bounded_drops(rows_m: Tensor, rows_t: Tensor, row_ids: Tensor, row_index: T
         rows, cols = torch.cat(rows or [same_rows[:0]]), torch.cat(cols or [same_cols[:0]])
         dropped += (rows.numel() - _no_negative_count(rows, cols, row_ids, row_index, pairs.col_ids)) * (
             3 - len(directions))  # symmetric thresholds: both directions drop these pairs
-        skips.append(_SkipPairs.of([rows, same_rows], [cols, same_cols]))
+        skips.append(_SkipPairs.of([rows, same_rows], [cols, same_cols], rows_m.shape[0]))
     return _Drops(skips[0], skips[-1], dropped)
 
 
