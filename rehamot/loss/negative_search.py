@@ -119,10 +119,11 @@ class _Groups:
     cosine_t: Tensor
 
 
-def _group_columns(cols_m: Tensor, cols_t: Tensor) -> _Groups:
+def _group_columns(cols_m: Tensor, cols_t: Tensor, keep_cosines: bool = True) -> _Groups:
     """Groups of similar motions: evenly spaced pivots, one Lloyd step, then the farthest member
     of every group much wider than the median becomes a centre of its own (a cluster that got
-    no pivot would otherwise widen another's group, and the bound with it)."""
+    no pivot would otherwise widen another's group, and the bound with it). keep_cosines:
+    keep the (G, P) cosines of the columns to the centres (a single process's rows reuse them)."""
     num_cols = cols_m.shape[0]
     count = min(MAX_GROUPS, max(MIN_GROUPS, num_cols // GROUP_SIZE), num_cols)
     pivots = cols_m[torch.linspace(0, num_cols - 1, count, device=cols_m.device).long()]
@@ -133,8 +134,11 @@ def _group_columns(cols_m: Tensor, cols_t: Tensor) -> _Groups:
     wide = torch.nonzero(radius > SPLIT_RADIUS * radius.median()).squeeze(1)
     if wide.numel():
         # the member of each wide group farthest from its centre
-        gap = torch.where(assign[:, None] == wide[None, :], best[:, None], float("inf"))
-        extra = cols_m.index_select(0, gap.argmin(dim=0))
+        lowest = _lowest(best, assign, count)
+        farthest = torch.nonzero(best == lowest[assign]).squeeze(1)
+        first = torch.full((count,), num_cols, dtype=torch.int64, device=cols_m.device)
+        first = first.scatter_reduce(0, assign[farthest], farthest, "amin")
+        extra = cols_m.index_select(0, first[wide])
         centres_m = torch.cat([centres_m, extra])
         cosine = torch.cat([cosine, cols_m @ extra.T], dim=1)
         best, assign = cosine.max(dim=1)
@@ -144,8 +148,10 @@ def _group_columns(cols_m: Tensor, cols_t: Tensor) -> _Groups:
     order, bounds = _grouped_order(assign, count)
     centres_t = _centroids(cols_t, assign, count)
     cosine_t = cols_t @ centres_t.T
-    return _Groups(order, bounds, centres_m, centres_t, _lowest(best, assign, count),
-                   _lowest(cosine_t.gather(1, assign[:, None]).squeeze(1), assign, count), cosine_m, cosine_t)
+    lowest_t = _lowest(cosine_t.gather(1, assign[:, None]).squeeze(1), assign, count)
+    if not keep_cosines:
+        cosine_m = cosine_t = cosine_m[:0]
+    return _Groups(order, bounds, centres_m, centres_t, _lowest(best, assign, count), lowest_t, cosine_m, cosine_t)
 
 
 def _lowest(cosine: Tensor, assign: Tensor, count: int) -> Tensor:
@@ -160,9 +166,8 @@ def _grouped_order(assign: Tensor, count: int) -> tuple[Tensor, list[tuple[int, 
 
 
 def _centroids(cols: Tensor, assign: Tensor, count: int) -> Tensor:
-    one_hot = torch.zeros(count, cols.shape[0], dtype=cols.dtype, device=cols.device)
-    one_hot[assign, torch.arange(cols.shape[0], device=cols.device)] = 1
-    return F.normalize(one_hot @ cols, dim=1)
+    sums = torch.zeros(count, cols.shape[1], dtype=cols.dtype, device=cols.device)
+    return F.normalize(sums.index_add_(0, assign, cols), dim=1)
 
 
 def _may_exceed(cosine: Tensor, lowest: Tensor, dim: int) -> Tensor:
@@ -184,28 +189,6 @@ def _tile_drops(rows_m: Tensor, rows_t: Tensor, block_m: Tensor, block_t: Tensor
     return drop.logical_or_((rows_t @ block_t.T) > text_threshold)
 
 
-@dataclass(frozen=True)
-class _SkipPairs:
-    """(row, column) pairs to leave out of the scores, as sorted keys column * rows + row (one
-    int64 array: half the memory of two, and sorted by column)."""
-
-    keys: Tensor
-    num_rows: int
-
-    @classmethod
-    def of(cls, rows: list[Tensor], cols: list[Tensor], num_rows: int) -> _SkipPairs:
-        keys = torch.cat([col * num_rows + row for row, col in zip(rows, cols)])
-        return cls(torch.sort(keys).values, num_rows)
-
-    def apply(self, scores: Tensor, start: int, stop: int) -> Tensor:
-        """Set this chunk's pairs (columns start:stop) to -inf in its (R, C) scores."""
-        bounds = torch.tensor([start * self.num_rows, stop * self.num_rows], device=self.keys.device)
-        lo, hi = torch.searchsorted(self.keys, bounds).tolist()
-        keys = self.keys[lo:hi]
-        minus_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
-        return scores.index_put_((keys % self.num_rows, keys // self.num_rows - start), minus_inf)
-
-
 def _same_motion_pairs(row_ids: Tensor, row_index: Tensor, col_ids: Tensor) -> tuple[Tensor, Tensor]:
     """(rows, columns) of every pair that is no negative: the positive and same-id columns."""
     sorted_ids, by_id = torch.sort(col_ids, stable=True)
@@ -225,68 +208,103 @@ def _no_negative_count(rows: Tensor, cols: Tensor, row_ids: Tensor, row_index: T
     return torch.count_nonzero(same.logical_or_(row_index[rows] == cols))
 
 
-@dataclass(frozen=True)
-class _Drops:
-    mt: _SkipPairs  # threshold drops of motion -> text (and the non-negatives)
-    tm: _SkipPairs
-    dropped: Tensor  # 0-d int64: threshold drops of both directions, non-negatives excluded
+class _BoundedTiles:
+    """The (row group, column group) tiles the bound cannot rule out, walked chunk by chunk.
+
+    The columns are visited in group order, chunk_size at a time, each chunk's columns
+    ascending (so a row's first maximal column is its lowest); a chunk's threshold drops come
+    from the tiles of the groups it holds, computed when the chunk is scored: nothing of size
+    B x G, or of the number of drops, is kept. `usable` is False when the bound keeps more
+    than MAX_TILE_SHARE of the cells (no clusters: the plain scan is cheaper).
+    """
+
+    def __init__(self, rows_m: Tensor, rows_t: Tensor, row_ids: Tensor, row_index: Tensor, pairs: Pairs,
+                 thresholds: DropThresholds, chunk_size: int) -> None:
+        shared = rows_m is pairs.cols_m and rows_t is pairs.cols_t  # a single process's rows
+        groups = _group_columns(pairs.cols_m, pairs.cols_t, keep_cosines=shared)
+        cosine_m, cosine_t = (groups.cosine_m, groups.cosine_t) if shared else (
+            rows_m @ groups.centres_m.T, rows_t @ groups.centres_t.T)
+        may = _may_exceed(cosine_m, groups.lowest_m, rows_m.shape[1]) > min(thresholds.mt_motion,
+                                                                             thresholds.tm_motion)
+        may |= _may_exceed(cosine_t, groups.lowest_t, rows_m.shape[1]) > min(thresholds.mt_text, thresholds.tm_text)
+        # rows join the group of their nearest motion centre, so a row group's tiles are few
+        count = len(groups.bounds)
+        row_group = cosine_m.argmax(dim=1)
+        self.row_order, self.row_bounds = (groups.order, groups.bounds) if shared else _grouped_order(row_group, count)
+        need = torch.zeros(count, count, dtype=torch.int32, device=may.device).index_add_(0, row_group, may.int()) > 0
+        row_sizes = torch.tensor([hi - lo for lo, hi in self.row_bounds], dtype=torch.float64)
+        col_sizes = torch.tensor([hi - lo for lo, hi in groups.bounds], dtype=torch.float64)
+        cells = float((row_sizes[:, None] * col_sizes[None, :])[need.cpu()].sum())
+        self.usable = cells <= MAX_TILE_SHARE * rows_m.shape[0] * pairs.num_cols
+        if not self.usable:
+            return
+        self.pairs, self.row_ids, self.row_index, self.num_rows = pairs, row_ids, row_index, rows_m.shape[0]
+        self.order = groups.order
+        self.directions = [(thresholds.mt_motion, thresholds.mt_text)]
+        if not thresholds.symmetric:
+            self.directions.append((thresholds.tm_motion, thresholds.tm_text))
+        self.cols_p = (pairs.cols_m.index_select(0, groups.order), pairs.cols_t.index_select(0, groups.order))
+        self.rows_p = self.cols_p if shared else (rows_m.index_select(0, self.row_order),
+                                                  rows_t.index_select(0, self.row_order))
+        self.needers = [torch.nonzero(need[:, h]).squeeze(1).tolist() for h in range(count)]
+        num_cols, device = pairs.num_cols, rows_m.device
+        self.chunks = [(start, min(start + chunk_size, num_cols)) for start in column_chunks(num_cols, chunk_size)]
+        self.place = torch.empty(num_cols, dtype=torch.int64, device=device)  # order position -> place in chunk
+        self.chunk_cols = []
+        for start, stop in self.chunks:
+            cols, perm = torch.sort(groups.order[start:stop])
+            self.place[start + perm] = torch.arange(stop - start, device=device)
+            self.chunk_cols.append(cols)
+        self.pieces: list[list[tuple[int, int, int]]] = [[] for _ in self.chunks]
+        for h, (lo, hi) in enumerate(groups.bounds):  # a group cut where a chunk ends
+            piece = lo
+            while piece < hi:
+                piece_hi = min(hi, (piece // chunk_size + 1) * chunk_size)
+                self.pieces[piece // chunk_size].append((piece, piece_hi, h))
+                piece = piece_hi
+        # the pairs that are no negative, by chunk
+        same_rows, same_cols = _same_motion_pairs(row_ids, row_index, pairs.col_ids)
+        position = torch.empty_like(self.order)
+        position[self.order] = torch.arange(num_cols, device=device)
+        same_position = position[same_cols]
+        by_position = torch.argsort(same_position)
+        self.same_rows, self.same_position = same_rows[by_position], same_position[by_position]
+
+    def not_negatives(self, chunk: int) -> tuple[Tensor, Tensor]:
+        """(rows, places in the chunk) of the chunk's non-negative pairs."""
+        start, stop = self.chunks[chunk]
+        bounds = torch.tensor([start, stop], device=self.same_position.device)
+        lo, hi = torch.searchsorted(self.same_position, bounds).tolist()
+        return self.same_rows[lo:hi], self.place[self.same_position[lo:hi]]
+
+    def drops(self, chunk: int) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+        """Per direction (one when the thresholds are symmetric) the (rows, places in the chunk)
+        of its threshold drops, and their count over both directions, non-negatives excluded."""
+        rows_m_p, rows_t_p = self.rows_p
+        cols_m_p, cols_t_p = self.cols_p
+        found: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self.directions]
+        dropped = zero_count(rows_m_p.device)
+        for lo, hi, h in self.pieces[chunk]:
+            for g in self.needers[h]:
+                row_lo, row_hi = self.row_bounds[g]
+                sims_m = rows_m_p[row_lo:row_hi] @ cols_m_p[lo:hi].T
+                sims_t = rows_t_p[row_lo:row_hi] @ cols_t_p[lo:hi].T
+                for (rows, places), (motion_threshold, text_threshold) in zip(found, self.directions):
+                    drop = (sims_m > motion_threshold).logical_or_(sims_t > text_threshold)
+                    tile_rows, tile_cols = torch.nonzero(drop, as_tuple=True)
+                    rows.append(self.row_order[tile_rows + row_lo])
+                    places.append(self.place[tile_cols + lo])
+                    dropped += (tile_rows.numel() - _no_negative_count(
+                        rows[-1], self.order[tile_cols + lo], self.row_ids, self.row_index, self.pairs.col_ids)) * (
+                        3 - len(self.directions))  # symmetric thresholds: both directions drop these pairs
+        empty = self.same_rows[:0]
+        return [(torch.cat(rows or [empty]), torch.cat(places or [empty])) for rows, places in found], dropped
 
 
-def _bounded_drops(rows_m: Tensor, rows_t: Tensor, row_ids: Tensor, row_index: Tensor, pairs: Pairs,
-                   thresholds: DropThresholds) -> _Drops | None:
-    """Every threshold drop of these rows, from the (row group, column group) tiles the bound
-    keeps; None when it keeps more than MAX_TILE_SHARE of the cells (no clusters: scan)."""
-    groups = _group_columns(pairs.cols_m, pairs.cols_t)
-    shared = rows_m is pairs.cols_m and rows_t is pairs.cols_t  # a single process's rows
-    cosine_m, cosine_t = (groups.cosine_m, groups.cosine_t) if shared else (
-        rows_m @ groups.centres_m.T, rows_t @ groups.centres_t.T)
-    bound_m = _may_exceed(cosine_m, groups.lowest_m, rows_m.shape[1])
-    bound_t = _may_exceed(cosine_t, groups.lowest_t, rows_m.shape[1])
-    may = (bound_m > min(thresholds.mt_motion, thresholds.tm_motion)) | (
-        bound_t > min(thresholds.mt_text, thresholds.tm_text))
-    # rows join the group of their nearest motion centre, so a row group's tiles are few
-    count = len(groups.bounds)
-    row_group = cosine_m.argmax(dim=1)
-    row_order, row_bounds = (groups.order, groups.bounds) if shared else _grouped_order(row_group, count)
-    need = torch.zeros(count, count, dtype=torch.int32, device=may.device).index_add_(0, row_group, may.int()) > 0
-    row_sizes = torch.tensor([hi - lo for lo, hi in row_bounds], dtype=torch.float64)
-    col_sizes = torch.tensor([hi - lo for lo, hi in groups.bounds], dtype=torch.float64)
-    cells = float((row_sizes[:, None] * col_sizes[None, :])[need.cpu()].sum())
-    if cells > MAX_TILE_SHARE * rows_m.shape[0] * pairs.num_cols:
-        return None
-    directions = [(thresholds.mt_motion, thresholds.mt_text)]
-    if not thresholds.symmetric:
-        directions.append((thresholds.tm_motion, thresholds.tm_text))
-    tiles = torch.nonzero(need).tolist()
-    drops: list[list[Tensor | None]] = [[None] * len(tiles) for _ in directions]
-    # one modality at a time: a single permuted copy of the columns (and rows) is alive
-    for modality, (rows_x, cols_x) in enumerate(((rows_m, pairs.cols_m), (rows_t, pairs.cols_t))):
-        cols_p = cols_x.index_select(0, groups.order)
-        rows_p = cols_p if shared else rows_x.index_select(0, row_order)
-        for t, (g, h) in enumerate(tiles):
-            (row_lo, row_hi), (col_lo, col_hi) = row_bounds[g], groups.bounds[h]
-            sims = rows_p[row_lo:row_hi] @ cols_p[col_lo:col_hi].T
-            for direction, thresholds_of in zip(drops, directions):
-                drop = sims > thresholds_of[modality]
-                direction[t] = drop if direction[t] is None else direction[t].logical_or_(drop)
-        del cols_p, rows_p
-    found: list[tuple[list[Tensor], list[Tensor]]] = []
-    for direction in drops:
-        rows, cols = [], []
-        for (g, h), drop in zip(tiles, direction):
-            tile_rows, tile_cols = torch.nonzero(drop, as_tuple=True)
-            rows.append(row_order[tile_rows + row_bounds[g][0]])
-            cols.append(groups.order[tile_cols + groups.bounds[h][0]])
-        found.append((rows, cols))
-    dropped = zero_count(rows_m.device)
-    same_rows, same_cols = _same_motion_pairs(row_ids, row_index, pairs.col_ids)
-    skips = []
-    for rows, cols in found:
-        rows, cols = torch.cat(rows or [same_rows[:0]]), torch.cat(cols or [same_cols[:0]])
-        dropped += (rows.numel() - _no_negative_count(rows, cols, row_ids, row_index, pairs.col_ids)) * (
-            3 - len(directions))  # symmetric thresholds: both directions drop these pairs
-        skips.append(_SkipPairs.of([rows, same_rows], [cols, same_cols], rows_m.shape[0]))
-    return _Drops(skips[0], skips[-1], dropped)
+def _skip(scores: Tensor, *pairs: tuple[Tensor, Tensor]) -> Tensor:
+    """Set these (row, column) pairs of the scores to -inf."""
+    minus_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    return scores.index_put_((torch.cat([r for r, _ in pairs]), torch.cat([c for _, c in pairs])), minus_inf)
 
 
 def _first_max_rows(scores: Tensor) -> Tensor:
@@ -329,24 +347,32 @@ def bounded_scan(pairs: Pairs, rows: Tensor | None, thresholds: DropThresholds, 
         rows_m, rows_t = rows_m.index_select(0, rows), rows_t.index_select(0, rows)
         row_ids, row_index = row_ids[rows], row_index[rows]
     num_rows, device = rows_m.shape[0], rows_m.device
-    drops = _bounded_drops(rows_m, rows_t, row_ids, row_index, pairs, thresholds) if bounded else None
+    tiles = _BoundedTiles(rows_m, rows_t, row_ids, row_index, pairs, thresholds, chunk_size) if bounded else None
+    if tiles is not None and not tiles.usable:
+        tiles = None
     # In a single process with every row present, column j of the motion -> text scores is
     # caption j against every motion: its text -> motion row, complete within the chunk.
     shared = pairs.shared and rows is None
     hardest_mt, hardest_tm = _Hardest(num_rows, rows_m), _Hardest(num_rows, rows_m)
     index_tm_shared = torch.full((pairs.num_cols,), -1, dtype=torch.int64, device=device)
-    dropped = zero_count(device) if drops is None else drops.dropped
-    for start in column_chunks(pairs.num_cols, chunk_size):
-        stop = min(start + chunk_size, pairs.num_cols)
-        col_index = torch.arange(start, stop, device=device)
-        block_m, block_t = pairs.cols_m[start:stop], pairs.cols_t[start:stop]
+    dropped = zero_count(device)
+    for chunk, (start, stop) in enumerate(column_chunks_of(tiles, pairs.num_cols, chunk_size)):
+        if tiles is not None:
+            col_index = tiles.chunk_cols[chunk]
+            block_m, block_t = pairs.cols_m.index_select(0, col_index), pairs.cols_t.index_select(0, col_index)
+        else:
+            col_index = torch.arange(start, stop, device=device)
+            block_m, block_t = pairs.cols_m[start:stop], pairs.cols_t[start:stop]
         scores_mt = rows_m @ block_t.T
         scores_tm = None if shared and thresholds.symmetric else (
             scores_mt.clone() if shared else rows_t @ block_m.T)
-        if drops is not None:
-            drops.mt.apply(scores_mt, start, stop)
+        if tiles is not None:
+            not_negative = tiles.not_negatives(chunk)
+            by_direction, tile_dropped = tiles.drops(chunk)
+            dropped += tile_dropped
+            _skip(scores_mt, not_negative, by_direction[0])
             if scores_tm is not None:
-                drops.tm.apply(scores_tm, start, stop)
+                _skip(scores_tm, not_negative, by_direction[-1])
         else:
             not_negative = _not_negative(row_ids, row_index, pairs.col_ids[start:stop], col_index)
             drop_mt = _tile_drops(rows_m, rows_t, block_m, block_t, thresholds.mt_motion, thresholds.mt_text)
@@ -364,20 +390,30 @@ def bounded_scan(pairs: Pairs, rows: Tensor | None, thresholds: DropThresholds, 
         if shared:
             # the text -> motion anchors are this chunk's columns, their candidates every row
             # (rows in global order: the first maximal row is the lowest column)
-            index_tm_shared[start:stop] = _first_max_rows(scores_mt if scores_tm is None else scores_tm)
+            index_tm_shared[col_index] = _first_max_rows(scores_mt if scores_tm is None else scores_tm)
         else:
             hardest_tm.update(scores_tm, col_index)
     index_tm = index_tm_shared if shared else hardest_tm.index
     return hardest_mt.index, index_tm, dropped if count else torch.full_like(dropped, NOT_COUNTED)
 
 
+def column_chunks_of(tiles: _BoundedTiles | None, num_cols: int, chunk_size: int) -> list[tuple[int, int]]:
+    """The [start, stop) chunks a scan walks: the tiles' (in group order) or plain ones."""
+    if tiles is not None:
+        return tiles.chunks
+    return [(start, min(start + chunk_size, num_cols)) for start in column_chunks(num_cols, chunk_size)]
+
+
 def count_dropped_pairs(pairs: Pairs, thresholds: DropThresholds, chunk_size: int) -> Tensor:
     """Every dropped ordered (anchor, candidate) pair of both directions: the bounded tiles,
     or two products where the bound cannot prune."""
-    drops = _bounded_drops(pairs.rows_m, pairs.rows_t, pairs.row_ids, pairs.row_index(), pairs, thresholds)
-    if drops is not None:
-        return drops.dropped
+    tiles = _BoundedTiles(pairs.rows_m, pairs.rows_t, pairs.row_ids, pairs.row_index(), pairs, thresholds,
+                          chunk_size)
     dropped = zero_count(pairs.rows_m.device)
+    if tiles.usable:
+        for chunk in range(len(tiles.chunks)):
+            dropped += tiles.drops(chunk)[1]
+        return dropped
     for start in column_chunks(pairs.num_cols, chunk_size):
         stop = min(start + chunk_size, pairs.num_cols)
         _, not_negative = chunk_masks(pairs, start, stop)

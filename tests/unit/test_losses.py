@@ -521,11 +521,10 @@ def test_bounded_scan_chooses_and_counts_what_the_plain_scan_does(thresholds: Dr
     assert plain[2] > 0  # pairs really are dropped
     assert (plain[0], plain[1]) == _dense_choices(pairs, thresholds)
     assert int(negative_search.count_dropped_pairs(pairs, thresholds, 53)) == plain[2]
-    drops = negative_search._bounded_drops(pairs.rows_m, pairs.rows_t, pairs.row_ids, pairs.row_index(), pairs,
-                                           thresholds)
+    tiles = negative_search._BoundedTiles(pairs.rows_m, pairs.rows_t, pairs.row_ids, pairs.row_index(), pairs,
+                                          thresholds, 53)
     if min(thresholds.mt_motion, thresholds.mt_text) >= 0.75:
-        assert drops is not None  # the bound prunes enough tiles to be used
-        assert int(drops.dropped) == plain[2]
+        assert tiles.usable  # the bound prunes enough tiles to be used
 
 
 def test_bound_never_rules_out_a_dropped_pair() -> None:
