@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("verify", "re-read every shard and check it against the manifest"),
                        ("summary", "print the tables of a shard folder")):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("dir", type=Path)
+        sub.add_argument("dir", help="shard folder or URL prefix")
     return parser
 
 

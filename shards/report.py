@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from rehamot.data.locations import is_url
 from shards.hygiene import hygiene_lines
 
 
@@ -25,7 +26,11 @@ def progress_bar(console: Console | None, total: int) -> Iterator[Callable[[], N
         yield lambda: progress.advance(task)
 
 
-def summary_tables(manifest: dict[str, Any], shard_dir: Path | None = None) -> list[Any]:
+def summary_tables(manifest: dict[str, Any], shard_dir: str | Path | None = None) -> list[Any]:
+    """The split and skip tables; MB only for a local folder (a URL's files are not asked)."""
+    if shard_dir is not None and is_url(str(shard_dir)):
+        shard_dir = None
+    shard_dir = None if shard_dir is None else Path(shard_dir)
     splits = Table(title=f"{manifest['corpus']} shards: {manifest['feature_dim']} features at "
                          f"{manifest['fps']:g} fps, {manifest['dtype']}")
     for column in ("split", "motions", "captions", "shards", "MB"):
@@ -68,7 +73,7 @@ def empty_split_lines(manifest: dict[str, Any]) -> list[str]:
             for split in ("train", "val", "test") if not splits.get(split, {}).get("motions")]
 
 
-def print_summary(manifest: dict[str, Any], shard_dir: Path | None = None,
+def print_summary(manifest: dict[str, Any], shard_dir: str | Path | None = None,
                   console: Console | None = None) -> None:
     console = console or Console()
     for table in summary_tables(manifest, shard_dir):

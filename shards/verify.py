@@ -8,23 +8,24 @@ training checks as it reads): an altered shard is reported sample by sample.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from rehamot.data import schema
+from rehamot.data import locations, schema
 from rehamot.data.reading import load_index
 from rehamot.data.tar_stream import TarStreamError, tar_entries
-from shards.files import file_sha256
 from shards.plan import inside_root, is_valid_key
 
 EXPECTED_MEMBERS = {schema.MOTION_MEMBER, schema.META_MEMBER}
 
 
-def verify_shards(shard_dir: Path) -> list[str]:
-    shard_dir = Path(shard_dir)
-    manifest = schema.load_manifest(shard_dir, names_checked=False)  # each bad name reported
+def verify_shards(shard_dir: str | Path) -> list[str]:
+    """The problems of the shard set in a folder or at a URL prefix (rehamot.data.locations)."""
+    location = str(shard_dir)
+    manifest = schema.load_manifest(location, names_checked=False)  # each bad name reported
     problems: list[str] = []
     listed = set()
     for split, entry in manifest["splits"].items():
@@ -33,21 +34,30 @@ def verify_shards(shard_dir: Path) -> list[str]:
             plain = _is_plain_name(shard["path"])
             if plain:
                 listed.add(shard["path"])
-            path = inside_root(shard_dir / shard["path"], shard_dir) if plain else None
-            if path is None:  # a path or a symlink out of DIR: a manifest must not make us read it
+            where = _shard_location(location, shard["path"]) if plain else None
+            if where is None:  # a path or a symlink out of DIR: a manifest must not make us read it
                 problems.append(f"{str(shard['path'])!r:.80}: not a file inside the shard "
                                 f"folder; not read")
                 continue
-            problems += _verify_shard(path, shard, split, manifest)
+            problems += _verify_shard(location, where, shard, split, manifest)
             samples += shard["samples"]
             captions += shard["captions"]
         if (samples, captions) != (entry["motions"], entry["captions"]):
             problems.append(f"{split}: shards list {samples} samples / {captions} captions, "
                             f"the split says {entry['motions']} / {entry['captions']}")
-    for stray in sorted(p.name for p in shard_dir.glob("*.tar")):
-        if stray not in listed:
-            problems.append(f"{stray}: a tar the manifest does not list (mixed shard sets?)")
+    if not locations.is_url(location):  # a URL prefix is not listed: strays stay unseen there
+        for stray in sorted(p.name for p in Path(location).glob("*.tar")):
+            if stray not in listed:
+                problems.append(f"{stray}: a tar the manifest does not list (mixed shard sets?)")
     return problems
+
+
+def _shard_location(location: str, name: str) -> str | None:
+    """Where a plain-named member is read: inside the folder (links resolved), or the URL."""
+    if locations.is_url(location):
+        return locations.join(location, name)
+    path = inside_root(Path(location) / name, Path(location))
+    return None if path is None else str(path)
 
 
 def _is_plain_name(name: object) -> bool:
@@ -56,22 +66,25 @@ def _is_plain_name(name: object) -> bool:
     return isinstance(name, str) and schema.FILE_NAME.fullmatch(name) is not None
 
 
-def _verify_shard(path: Path, shard: dict[str, Any], split: str,
+def _verify_shard(location: str, path: str, shard: dict[str, Any], split: str,
                   manifest: dict[str, Any]) -> list[str]:
     name = shard["path"]
-    if not path.is_file():
-        return [f"{name}: missing"]
     problems = []
-    digest = file_sha256(path)
+    try:
+        if not locations.exists(path):
+            return [f"{name}: missing"]
+        digest = _sha256(path)
+    except OSError as err:  # a server that stays unreachable: the shard cannot be checked
+        return [f"{name}: unreadable ({type(err).__name__}: {err})"]
     if digest != shard["sha256"]:
         problems.append(f"{name}: sha256 {digest[:12]}... differs from the manifest's "
                         f"{shard['sha256'][:12]}... (altered or truncated)")
     index = None
-    if inside_root(path.parent / schema.index_name(name), path.parent) is None:
+    if _shard_location(location, schema.index_name(name)) is None:
         problems.append(f"{schema.index_name(name)}: not a file inside the shard folder; not read")
     else:
         try:
-            index = load_index(str(path.parent), shard)
+            index = load_index(location, shard)
         except schema.ShardSetError as err:
             problems.append(str(err))
     try:
@@ -104,12 +117,17 @@ def _verify_shard(path: Path, shard: dict[str, Any], split: str,
     return problems
 
 
-def _read_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
+def _sha256(path: str) -> str:
+    with locations.open_location(path) as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def _read_samples(path: str) -> list[tuple[str, dict[str, bytes]]]:
     """Members grouped by key (the part of the name before the first dot), in tar order; the
     shard reader's checks apply (no member larger than the file, no negative size)."""
     samples: list[tuple[str, dict[str, bytes]]] = []
-    with open(path, "rb") as stream:
-        for name, regular, data in tar_entries(stream, path.name):
+    with locations.open_location(path) as stream:
+        for name, regular, data in tar_entries(stream, path.rsplit("/", 1)[-1]):
             if not regular:
                 raise TarStreamError(f"member {name} is not a regular file")
             key, _, suffix = name.partition(".")

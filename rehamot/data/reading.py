@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +18,11 @@ from contextlib import closing
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from rehamot.data import schema
+from rehamot.data.locations import is_url
+from rehamot.data.locations import join as member_url
 from rehamot.data.tar_stream import open_samples, open_stream
 
 log = logging.getLogger("rehamot.data")
@@ -45,28 +45,9 @@ class BadSampleError(RuntimeError):
     """Raised instead of skipping in strict mode; names the shard and the sample key."""
 
 
-def is_url(location: str) -> bool:
-    return "://" in location
-
-
-def member_url(location: str, name: str) -> str:
-    """`name` inside a shard location: a local directory or a URL prefix (http, gs, hf, ...).
-
-    Names come from a manifest (plain file names, schema.check_manifest); a local folder's
-    member stays a path, never a URL: `.` and `pipe:x` give `./pipe:x`, not `pipe:x`."""
-    if is_url(location):
-        return location.rstrip("/") + "/" + name
-    return os.path.join(location, name)
-
-
 def read_manifest(location: str) -> dict[str, Any]:
-    if not is_url(location):
-        return schema.load_manifest(location)
-    url = member_url(location, schema.MANIFEST_NAME)
-    with wds.gopen(url, "rb") as stream:
-        manifest = json.loads(stream.read().decode("utf-8"))
-    schema.check_manifest(manifest, url)
-    return manifest
+    """The checked manifest of a shard folder or URL prefix (schema.load_manifest)."""
+    return schema.load_manifest(location)
 
 
 def split_shards(manifest: dict[str, Any], split: str) -> list[dict[str, Any]]:

@@ -25,13 +25,15 @@ import io
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 import numpy as np
 import xxhash
+
+from rehamot.data import locations
 
 # 2: per-sample digests in per-shard index files (older shards are refused: re-shard them)
 FORMAT_VERSION = 2
@@ -147,8 +149,11 @@ def caption_id(sample_id: str, index: int) -> str:
 
 
 def load_manifest(shard_dir: str | Path, *, names_checked: bool = True) -> dict[str, Any]:
-    """The manifest of a local shard folder, checked (check_manifest); `names_checked=False`
-    only for `verify`, which reports each bad name itself and reads none of them."""
+    """The manifest of a shard folder or URL prefix (locations.py), checked (check_manifest);
+    `names_checked=False` only for `verify`, which reports each bad name itself and reads none
+    of them."""
+    if locations.is_url(str(shard_dir)):
+        return _load_remote_manifest(str(shard_dir), names_checked)
     path = Path(shard_dir) / MANIFEST_NAME
     if not Path(shard_dir).exists():  # a wrong path, most likely: say so before suggesting a build
         raise FileNotFoundError(f"shard folder {shard_dir} does not exist: check the path, or build "
@@ -158,6 +163,23 @@ def load_manifest(shard_dir: str | Path, *, names_checked: bool = True) -> dict[
                                 "first (shards/make_shards.py)")
     manifest = json.loads(path.read_text(encoding="utf-8"))
     (check_manifest if names_checked else check_format)(manifest, str(path))
+    return manifest
+
+
+def _load_remote_manifest(location: str, names_checked: bool) -> dict[str, Any]:
+    url = locations.join(location, MANIFEST_NAME)
+    try:
+        data = locations.read_bytes(url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {MANIFEST_NAME} at {url}: check the URL, or upload the whole "
+                                "shard folder (shards/make_shards.py builds one)") from None
+    except OSError as failure:  # refused, unreachable, retries spent
+        raise ShardSetError(f"cannot read the manifest: {str(failure)[:300]}") from None
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise ShardSetError(f"{url}: not a manifest ({exn}); {RESHARD}") from None
+    (check_manifest if names_checked else check_format)(manifest, url)
     return manifest
 
 
@@ -221,20 +243,23 @@ def check_format(manifest: Any, where: str) -> None:
 def check_shard_files(location: str, manifest: dict[str, Any],
                       splits: list[str] | None = None) -> None:
     """ShardSetError (one line) naming the first shard or index of the splits (default: all)
-    that is not a file, for a local shard folder; a URL prefix is left to the readers (a
-    request each). Cheap (a stat per file) and torch-free: an entry point can run it before
+    that is missing: a stat per file in a folder, a HEAD request (S3: head_object) per file at
+    a URL prefix, nothing for a `pipe:` command. Torch-free: an entry point can run it before
     anything heavy is imported or written."""
-    if "://" in location:
-        return
     entries = manifest.get("splits", {})
-    missing = [name for split in (entries if splits is None else splits)
-               for record in entries.get(split, {}).get("shards", [])
-               for name in (record["path"], index_name(record["path"]))
-               if not (Path(location) / name).is_file()]
+    names = [name for split in (entries if splits is None else splits)
+             for record in entries.get(split, {}).get("shards", [])
+             for name in (record["path"], index_name(record["path"]))]
+    try:
+        missing = locations.missing([locations.join(location, name) for name in names])
+    except OSError as failure:  # a server that stays unreachable
+        raise ShardSetError(f"{location}: cannot check the shard files ({str(failure)[:200]})") \
+            from None
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        first = missing[0].rsplit("/", 1)[-1] if locations.is_url(location) else Path(missing[0]).name
         raise ShardSetError(
-            f"{location}: {missing[0]}{more} is named in {MANIFEST_NAME} but missing; copy "
+            f"{location}: {first}{more} is named in {MANIFEST_NAME} but missing; copy "
             f"the whole shard folder again, or {RESHARD}")
 
 
@@ -242,6 +267,25 @@ def mean_std(manifest: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     mean = np.asarray(manifest["mean"], dtype=np.float32)
     std = np.maximum(np.asarray(manifest["std"], dtype=np.float32), STD_FLOOR)
     return mean, std
+
+
+def mixture_mean_std(manifests: Sequence[dict[str, Any]], weights: Sequence[float], split: str
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """One Mean/Std for a weighted mixture of shard sets: each source's moments (its manifest's
+    mean and std) pooled with the share of the epoch it fills, weight x its `split` motions.
+    Manifests hold no frame counts, so a source's motions stand in for its frames (equal mean
+    lengths assumed). Pooled: mean = sum c_i mean_i, var = sum c_i (std_i^2 + mean_i^2) - mean^2.
+    One source keeps its own Mean/Std, bit for bit."""
+    if len(manifests) == 1:
+        return mean_std(manifests[0])
+    counts = np.asarray([w * int(m["splits"][split]["motions"]) for m, w in zip(manifests, weights)], np.float64)
+    shares = counts / counts.sum()
+    means = np.stack([np.asarray(m["mean"], np.float64) for m in manifests])
+    stds = np.stack([np.asarray(m["std"], np.float64) for m in manifests])
+    mean = shares @ means
+    var = shares @ (stds**2 + means**2) - mean**2
+    std = np.maximum(np.sqrt(np.maximum(var, 0.0)), STD_FLOOR)
+    return mean.astype(np.float32), std.astype(np.float32)
 
 
 def encode_motion(motion: np.ndarray) -> bytes:

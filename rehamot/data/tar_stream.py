@@ -32,11 +32,10 @@ import re
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
-from urllib.parse import urlparse
 
-import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
+from rehamot.data.locations import open_location
 from rehamot.data.schema import MAX_MEMBER_BYTES
 
 BLOCK = 512
@@ -289,17 +288,16 @@ class _Unseekable:
 
 
 def open_stream(url: str) -> BinaryIO:
-    """A path as a file; a URL (http://, s3://, a `pipe:` the user typed, ...) through
-    webdataset's gopen. Readers join a local folder and a shard name into a path that keeps
-    no scheme (reading.member_url), so a name never reaches gopen as a URL."""
-    if urlparse(url).scheme:
-        return wds.gopen(url, "rb")
-    return open(url, "rb")
+    """A shard file at a local path or any location rehamot.data.locations opens (file://,
+    http(s)://, s3://, fsspec's schemes, a `pipe:` the user typed). Readers join a local folder
+    and a shard name into a path that keeps no scheme (locations.join), so a name never
+    becomes a URL."""
+    return open_location(url)
 
 
 def open_samples(url: str, select: Callable[[str], bool] | None = None,
                  max_member: int = MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
-    """The samples of the shard at `url` (a local path or anything webdataset's gopen opens).
+    """The samples of the shard at `url` (see open_stream).
 
     A reader that stops early (a slot's part of a shard) closes a `pipe:` command's output
     while it still writes: its failing exit (curl: 23) is the expected consequence then, not
