@@ -127,3 +127,24 @@ def plot_rank_histograms(t2m_ranks: np.ndarray, m2t_ranks: np.ndarray, out: Path
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
+
+
+def plot_score_matrix(values: np.ndarray, rows: Sequence[str], columns: Sequence[str], out: Path,
+                      title: str = "", label: str = "rsum") -> None:
+    """Heat map of one score per (row, column), e.g. the rsum of each run (rows) on each test
+    set (columns), each cell written in; NaN cells are left blank."""
+    values = np.asarray(values, dtype=np.float64)
+    fig = Figure(figsize=(2.0 + 1.4 * len(columns), 1.6 + 0.6 * len(rows)))
+    ax = fig.subplots()
+    im = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(columns)), labels=list(columns), rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), labels=list(rows))
+    ax.set(title=title, xlabel="test set", ylabel="run")
+    middle = np.nanmean(values) if np.isfinite(values).any() else 0.0
+    for (i, j), value in np.ndenumerate(values):
+        if np.isfinite(value):  # dark text on light cells, light on dark
+            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=9,
+                    color="black" if value > middle else "white")
+    fig.colorbar(im, ax=ax, label=label)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,38 @@ def encode_sentences(eval_set: EvalSet, device: torch.device, model: str | None 
     return dist_utils.all_reduce_sum(out).cpu().numpy()
 
 
+def check_representation(manifest: Mapping[str, Any], info: Mapping[str, Any], where: str) -> None:
+    """ValueError (one line) unless the shard set's motions are in the bundle's representation:
+    the same feature width (hence layout) and frame rate. A model reads what it was trained on;
+    other features would be normalised and encoded into numbers that look like a result."""
+    have = (int(manifest["feature_dim"]), float(manifest["fps"]))
+    want = (int(info["feature_dim"]), float(info["fps"]))
+    if have != want:
+        raise ValueError(f"{where}: motions of {have[0]} features at {have[1]:g} fps, the model reads "
+                         f"{want[0]} features at {want[1]:g} fps: a shard set in the model's "
+                         "representation is needed (shards/make_shards.py)")
+
+
+def bundle_eval_set(cfg, info: Mapping[str, Any], split: str, tokenizer, rank: int = 0,
+                    world_size: int = 1) -> EvalSet:
+    """The split of `cfg.data.shards` as the bundle's model must see it: checked to be in its
+    representation, normalised with the bundle's Mean/Std (those it was trained with), not the
+    shard set's own, which differ for any other corpus."""
+    from rehamot.data import data_config, schema
+    from rehamot.data.reading import read_manifest
+
+    location = str(cfg.data.shards)
+    check_representation(read_manifest(location), info, location)
+    # the bundle's Mean/Std, floored as when the shards are read
+    return EvalSet(data_config(cfg, split), tokenizer, rank, world_size, mean_std=schema.mean_std(info))
+
+
+def shard_set_name(location: str) -> str:
+    """A shard folder's (or URL's) last name, safe in a file name: `eval-test-<name>.json`."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(location).rstrip("/").rsplit("/", 1)[-1]).strip("._-")
+    return name or "shards"
+
+
 # --------------------------------------------------------------------------- protocols
 
 
@@ -210,23 +243,26 @@ def retrieval_examples(enc: Mapping[str, Any], num_queries: int = EXAMPLE_QUERIE
 
 
 def write_eval_figures(run_dir: str | Path, enc: Mapping[str, Any], results: Mapping[str, Mapping[str, float]],
-                       split: str = "test") -> list[Path]:
-    """retrieval_examples-<split>.png and rank_histograms-<split>.png in the run dir (rank 0 only).
+                       split: str = "test", shard_set: str | None = None) -> list[Path]:
+    """retrieval_examples-<split>.png and rank_histograms-<split>.png in the run dir (rank 0 only),
+    -<split>-<shard_set>.png for another shard set than the run's.
 
     `enc` is `encode_split`'s output; `results` labels the histograms (its `captions` entry).
     """
     from rehamot.evaluation.figures import plot_rank_histograms, plot_retrieval_examples
 
     run_dir = Path(run_dir)
-    examples_png = run_dir / f"retrieval_examples-{split}.png"
+    tag = f"{split}-{shard_set}" if shard_set else split
+    where = f"{split} split of {shard_set}" if shard_set else f"{split} split"
+    examples_png = run_dir / f"retrieval_examples-{tag}.png"
     plot_retrieval_examples(retrieval_examples(enc), examples_png,
-                            title=f"{split} split: text→motion, top {EXAMPLE_TOP_K} (green = its own motion)")
+                            title=f"{where}: text→motion, top {EXAMPLE_TOP_K} (green = its own motion)")
     t2m, m2t = caption_protocol_ranks(enc["caption_emb"] @ enc["motion_emb"].T, enc["caption_motion"])
     captions = results.get("captions", {})
-    title = f"{split} split, captions protocol"
+    title = f"{where}, captions protocol"
     if "t2m/R@1" in captions:
         title += f" (t2m R@1 {captions['t2m/R@1']:.1f}, m2t R@1 {captions['m2t/R@1']:.1f})"
-    histograms_png = run_dir / f"rank_histograms-{split}.png"
+    histograms_png = run_dir / f"rank_histograms-{tag}.png"
     plot_rank_histograms(t2m, m2t, histograms_png, title=title)
     return [examples_png, histograms_png]
 
@@ -256,10 +292,33 @@ def format_table(results: Mapping[str, Mapping[str, float]], title: str | None =
 
 
 def print_results(results: dict[str, dict[str, float]], title: str = "", console: Console | None = None) -> None:
+    print_table(format_table(results, title=title), console)
+
+
+def print_table(table: Table, console: Console | None = None) -> None:
     console = console or Console()
-    table = format_table(results, title=title)
     natural = console.measure(table, options=console.options.update_width(1000)).maximum
     if natural > console.width:
         # never truncate numbers ("R@…"): a log file or a narrow terminal gets the full table
         console = Console(file=console.file, width=natural)
     console.print(table)
+
+
+def format_matrix_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], title: str | None = None) -> Table:
+    """Runs (rows) × test sets (columns) of captions-protocol metrics {run: {set: metrics}}:
+    each cell holds t2m and m2t R@1 / R@10 and the rsum."""
+    columns = list(dict.fromkeys(name for row in results.values() for name in row))
+    table = Table(title=title, show_lines=True)
+    table.add_column("run", no_wrap=True)
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    for run, row in results.items():
+        cells = []
+        for column in columns:
+            m = row.get(column)
+            cells.append("-" if m is None else
+                         f"t2m R@1 {m['t2m/R@1']:.2f} R@10 {m['t2m/R@10']:.2f}\n"
+                         f"m2t R@1 {m['m2t/R@1']:.2f} R@10 {m['m2t/R@10']:.2f}\n"
+                         f"rsum {m['rsum']:.2f}")
+        table.add_row(run, *cells)
+    return table

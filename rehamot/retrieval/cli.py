@@ -1,10 +1,11 @@
 """Search a trained model from the command line, or serve a local search page.
 
-    rehamot-search index RUN_DIR [--shards DIR] [--split test]
-    rehamot-search query RUN_DIR "a person jumps twice" [--top-k 5] [--json]
+    rehamot-search index RUN_DIR [--shards DIR] [--split test|all] [--name NAME]
+    rehamot-search index RUN_DIR --motions DIR [--name NAME]   (a folder of MOTION_ID.npy, no captions)
+    rehamot-search query RUN_DIR "a person jumps twice" [--top-k 5] [--json] [--index NAME]
     rehamot-search query RUN_DIR --motion ID [--top-k 5] [--json]
     rehamot-search query RUN_DIR --motion-file MOTION.npy [--top-k 5] [--json]
-    rehamot-search serve RUN_DIR [--host 127.0.0.1] [--port 8000]
+    rehamot-search serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--index NAME]
 
 (or `python rehamot/search.py ...`). A text finds motions; a motion (an id of the index, or a
 .npy file of raw features in the model's layout) finds captions and the motions most like it.
@@ -28,6 +29,8 @@ from rehamot.retrieval.index import (
     MotionHit,
     SearchError,
     SearchIndex,
+    SkippedFile,
+    build_folder_index,
     build_index,
     checked_k,
     checked_text,
@@ -43,7 +46,8 @@ def _print_motion_hits(title: str, hits: list[MotionHit]) -> None:
     table.add_column("score", justify="right")
     table.add_column("its captions")
     for hit in hits:
-        table.add_row(str(hit.rank), hit.motion_id, f"{hit.score:.3f}", "\n".join(hit.captions))
+        captions = "\n".join(hit.captions) if hit.captions else "[dim]no captions[/dim]"
+        table.add_row(str(hit.rank), hit.motion_id, f"{hit.score:.3f}", captions)
     Console().print(table)
 
 
@@ -67,10 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rehamot-search", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    index = commands.add_parser("index", help="encode a split into RUN_DIR/index/")
+    index = commands.add_parser("index", help="encode a split (or a folder of motions) into RUN_DIR/index/")
     index.add_argument("run_dir")
-    index.add_argument("--shards", default=None, help="shard folder (default: the run's data.shards)")
-    index.add_argument("--split", default="test")
+    index.add_argument("--shards", default=None, help="shard folder or URL prefix (default: the run's data.shards)")
+    index.add_argument("--split", default="test", help="a split of the shards, or all")
+    index.add_argument("--motions", default=None, metavar="DIR",
+                       help="index a folder of MOTION_ID.npy raw features (the model's layout) instead "
+                            "of shards; written as RUN_DIR/search-index-NAME/")
+    index.add_argument("--name", default=None,
+                       help="write RUN_DIR/search-index-NAME/ beside the run's index (default for "
+                            "--motions: the folder's name)")
     index.add_argument("--batch-size", type=int, default=128)
     query = commands.add_parser("query", help="top motions for a text; top captions and motions for a motion")
     query.add_argument("run_dir")
@@ -81,12 +91,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="the same for raw (un-normalised) features (frames, D) in the model's layout")
     query.add_argument("--top-k", type=int, default=5)
     query.add_argument("--json", action="store_true", help="print the results as JSON")
+    query.add_argument("--index", default=None, metavar="NAME", help="search the index NAME (index --name)")
     serve = commands.add_parser("serve", help="a local search page with animated stick figures")
     serve.add_argument("run_dir")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default: this machine only; the page has no authentication)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    serve.add_argument("--index", default=None, metavar="NAME", help="serve the index NAME (index --name)")
     return parser
 
 
@@ -97,7 +109,7 @@ def _query(args: argparse.Namespace) -> None:
     if args.text is not None:
         checked_text(args.text)  # fail before loading anything
     checked_k(args.top_k)
-    index = SearchIndex.load(args.run_dir)
+    index = SearchIndex.load(args.run_dir, name=args.index)
     if args.text is not None:
         hits = index.query_text(args.text, args.top_k)
         if args.json:
@@ -116,26 +128,53 @@ def _query(args: argparse.Namespace) -> None:
         _print_json(motion_query_json(query, result))
         return
     name = args.motion if args.motion is not None else args.motion_file
-    _print_caption_hits(f"motion → text: {name} (✓ = one of its own captions)", result.captions)
+    if index.caption_ids:
+        _print_caption_hits(f"motion → text: {name} (✓ = one of its own captions)", result.captions)
+    else:  # a folder of motions: nothing to describe them with
+        print("motion → text: no captions in this index")
     _print_motion_hits(f"motion → motion: more like {name}", result.motions)
+
+
+def _print_skipped(skipped: list[SkippedFile]) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} file(s):")
+        for item in skipped:
+            print(f"  {item.file}: {item.reason}")
+
+
+def _index(args: argparse.Namespace) -> None:
+    skipped: list[SkippedFile] = []
+    if args.motions is not None:
+        if args.shards is not None or args.split != "test":
+            raise SearchError("--motions indexes a folder of motions: drop --shards and --split")
+        out, skipped = build_folder_index(args.run_dir, args.motions, args.name, args.batch_size)
+    else:
+        out = build_index(args.run_dir, args.shards, args.split,
+                          args.batch_size, args.name)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
+    source = f"{meta['split']} split" if meta.get("split") else f"the motions of {meta['motions_dir']}"
+    print(f"wrote {out}: {meta['num_motions']} motions, {meta['num_captions']} captions "
+          f"({source}, {meta['bundle']} bundle, dim {meta['dim']}, "
+          f"layout {meta['layout'] or 'unknown: no joints'})")
+    _print_skipped(skipped)
+    if meta.get("name"):
+        print(f"search it: rehamot-search query {args.run_dir} TEXT --index {meta['name']}  "
+              f"(serve ... --index {meta['name']})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "index":
-            out = build_index(args.run_dir, args.shards, args.split, args.batch_size)
-            if int(os.environ.get("RANK", "0")) == 0:
-                meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
-                print(f"wrote {out}: {meta['num_motions']} motions, {meta['num_captions']} captions "
-                      f"({meta['split']} split, {meta['bundle']} bundle, dim {meta['dim']}, "
-                      f"layout {meta['layout'] or 'unknown: no joints'})")
+            _index(args)
         elif args.command == "query":
             _query(args)
         else:
             from rehamot.retrieval.server import serve
 
-            serve(args.run_dir, args.host, args.port, verbose=args.verbose)
+            serve(args.run_dir, args.host, args.port, verbose=args.verbose, index_name=args.index)
     except (SearchError, FileNotFoundError, NotADirectoryError, ValueError) as err:
         print(f"search: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """The embedding index of a trained model: text -> top motions, motion -> top captions and motions.
 
-`build_index` encodes every motion and caption of a split once with the run's exported
-bundle and writes RUN_DIR/index/:
+`build_index` encodes every motion and caption of a split (or of every split) once with the
+run's exported bundle and writes RUN_DIR/index/, or RUN_DIR/search-index-NAME/ beside it;
+`build_folder_index` does the same for a folder of .npy motions without captions:
 
     motion_emb.npy, caption_emb.npy   float32 unit rows, memory-mappable
     joints.npy                        every motion's joint positions (metres, float32), the
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Sequence
@@ -39,6 +41,9 @@ from typing import Any
 import numpy as np
 
 INDEX_DIR = "index"
+NAMED_INDEX_PREFIX = "search-index-"  # RUN_DIR/search-index-NAME/: an index beside the run's own
+_INDEX_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+ALL_SPLITS = "all"
 MOTION_FILE = "motion_emb.npy"
 CAPTION_FILE = "caption_emb.npy"
 JOINTS_FILE = "joints.npy"
@@ -103,6 +108,51 @@ def layout_for_feature_dim(feature_dim: int) -> str | None:
     return next((name for name, spec in LAYOUTS.items() if spec.feature_dim == int(feature_dim)), None)
 
 
+def index_folder(run_dir: str | Path, name: str | None = None) -> Path:
+    """RUN_DIR/index/, or RUN_DIR/search-index-NAME/ for a named index."""
+    if name is None:
+        return Path(run_dir) / INDEX_DIR
+    if not _INDEX_NAME.fullmatch(name):
+        raise SearchError(f"index name {name!r}: use letters, digits, '.', '_' and '-' "
+                          "(at most 100, not starting with '.')")
+    return Path(run_dir) / f"{NAMED_INDEX_PREFIX}{name}"
+
+
+def default_index_name(folder: str | Path) -> str:
+    """A folder's name as an index name (characters outside the allowed ones become '_')."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(folder).resolve().name).lstrip("._-")
+    return name[:100] or "motions"
+
+
+def _index_command(run_dir: str | Path, name: str | None) -> str:
+    return f"rehamot-search index {run_dir}" + (f" ... --name {name}" if name else "")
+
+
+def read_features_file(path: str | Path) -> np.ndarray:
+    """The array of a .npy file, never unpickled: its header is checked first (a plain dtype
+    whose shape accounts for exactly the bytes in the file), so no header makes us allocate
+    what is not there. A one-line SearchError for anything else."""
+    from rehamot.data.schema import NpyHeaderError, check_npy_header
+
+    try:
+        with open(path, "rb") as stream:
+            if stream.read(6) != b"\x93NUMPY":  # else numpy's complaint is about pickles
+                raise SearchError(f"{path}: not a .npy file (no NumPy header)")
+            stream.seek(0)
+            check_npy_header(stream, os.fstat(stream.fileno()).st_size)
+        array = np.load(path, allow_pickle=False)
+    except SearchError:
+        raise
+    except NpyHeaderError as err:
+        raise SearchError(f"{path}: not a readable .npy file ({err})") from None
+    except Exception as err:  # whatever a missing or malformed file raises
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise SearchError(f"{path}: not a readable .npy file ({reason})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise SearchError(f"{path}: not a single .npy array")
+    return array
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -121,56 +171,154 @@ def read_split_joints(shards: str, split: str, ids: Sequence[str], layout: str) 
 
 
 def build_index(run_dir: str | Path, shards: str | None = None, split: str = "test",
-                batch_size: int = 128) -> Path:
-    """Encode the split with the run's bundle and write RUN_DIR/index/ (rank 0; atomic)."""
+                batch_size: int = 128, name: str | None = None) -> Path:
+    """Encode the split (`all`: every split) with the run's bundle and write RUN_DIR/index/, or
+    RUN_DIR/search-index-NAME/ (rank 0; atomic). Motions are normalised with the bundle's
+    Mean/Std; an id in several splits becomes ID@SPLIT in each."""
     import torch.distributed as dist
 
-    from rehamot.data import EvalSet, data_config, schema
+    from rehamot.config import eval_shards
+    from rehamot.data import schema
+    from rehamot.data.reading import read_manifest
     from rehamot.distributed import init_distributed, local_device
-    from rehamot.evaluation.retrieval_eval import encode_split
-    from rehamot.models.bundle import CONFIG_FILE, bundle_identity, find_bundle, load_bundle
+    from rehamot.evaluation.retrieval_eval import bundle_eval_set, encode_split
+    from rehamot.models.bundle import CONFIG_FILE, find_bundle, load_bundle
     from rehamot.models.factory import build_tokenizer
 
     run_dir = Path(run_dir)
+    out = index_folder(run_dir, name)
     world = init_distributed()
     device = local_device()
     bundle = find_bundle(run_dir)
     model, cfg, info = load_bundle(bundle, device)
     if shards:
         cfg.data.shards = shards
-    else:  # the bundle's config may come from anyone: its location must run nothing
-        schema.shared_location(cfg.data.shards, str(bundle / CONFIG_FILE))
-    eval_set = EvalSet(data_config(cfg, split), build_tokenizer(cfg), world.rank, world.world_size)
-    enc = encode_split(model, eval_set, device, batch_size)
-    out = run_dir / INDEX_DIR
+    else:  # the eval source's shards; the bundle's config may come from anyone: its location must run nothing
+        cfg.data.shards = schema.shared_location(eval_shards(cfg.data), str(bundle / CONFIG_FILE))
+    splits = list(read_manifest(str(cfg.data.shards))["splits"]) if split == ALL_SPLITS else [split]
+    tokenizer = build_tokenizer(cfg)
+    encoded = [encode_split(model, bundle_eval_set(cfg, info, s, tokenizer, world.rank, world.world_size),
+                            device, batch_size) for s in splits]
     if world.rank == 0:
         layout = layout_for_feature_dim(info["feature_dim"])
-        joints = read_split_joints(str(cfg.data.shards), split, enc["motion_ids"], layout) if layout else None
-        motions: list[dict[str, Any]] = [{"id": motion_id, "captions": []} for motion_id in enc["motion_ids"]]
-        for owner, caption_id, text in zip(enc["caption_motion"], enc["caption_ids"], enc["texts"]):
-            motions[int(owner)]["captions"].append({"id": caption_id, "text": text})
-        for motion, positions in zip(motions, joints or []):
-            motion["frames"] = int(positions.shape[0])
-        meta = {"format": INDEX_FORMAT, "split": split, "shards": str(cfg.data.shards),
-                "num_motions": len(motions), "num_captions": len(enc["texts"]),
-                "dim": int(enc["motion_emb"].shape[1]),
-                "feature_dim": int(info["feature_dim"]), "fps": float(info["fps"]), "layout": layout,
-                "corpus": info.get("corpus"),
-                "bundle": os.path.relpath(bundle, run_dir),  # "best", "final", or "." for a bundle folder
-                **bundle_identity(bundle, info), "motions": motions}
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.save(tmp / MOTION_FILE, np.ascontiguousarray(enc["motion_emb"], dtype=np.float32), allow_pickle=False)
-        np.save(tmp / CAPTION_FILE, np.ascontiguousarray(enc["caption_emb"], dtype=np.float32), allow_pickle=False)
-        if joints is not None:
-            np.save(tmp / JOINTS_FILE, np.concatenate(joints), allow_pickle=False)
-        (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        motions, joints = [], []
+        for s, enc in zip(splits, encoded):
+            motions += _split_motions(s, enc)
+            if layout:
+                joints += read_split_joints(str(cfg.data.shards), s, enc["motion_ids"], layout)
+        _label_shared_ids(motions)
+        _write_index(out, run_dir, bundle, info, motions,
+                     np.concatenate([enc["motion_emb"] for enc in encoded]),
+                     np.concatenate([enc["caption_emb"] for enc in encoded]),
+                     joints if layout else None,
+                     {"split": split, "shards": str(cfg.data.shards), "name": name})
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def _split_motions(split: str, enc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The index's motion records of one encoded split: id, split and captions."""
+    motions: list[dict[str, Any]] = [{"id": motion_id, "split": split, "captions": []}
+                                     for motion_id in enc["motion_ids"]]
+    for owner, caption_id, text in zip(enc["caption_motion"], enc["caption_ids"], enc["texts"]):
+        motions[int(owner)]["captions"].append({"id": caption_id, "text": text})
+    return motions
+
+
+def _label_shared_ids(motions: list[dict[str, Any]]) -> None:
+    """An id found in several splits names a different motion in each: ID@SPLIT tells them apart."""
+    counts: dict[str, int] = {}
+    for motion in motions:
+        counts[motion["id"]] = counts.get(motion["id"], 0) + 1
+    for motion in motions:
+        if counts[motion["id"]] > 1:
+            motion["id"] = f"{motion['id']}@{motion['split']}"
+
+
+def _write_index(out: Path, run_dir: Path, bundle: Path, info: dict[str, Any], motions: list[dict[str, Any]],
+                 motion_emb: np.ndarray, caption_emb: np.ndarray, joints: list[np.ndarray] | None,
+                 source: dict[str, Any]) -> None:
+    """index.json and the arrays into a sibling temp folder, then a rename over `out`."""
+    from rehamot.models.bundle import bundle_identity
+
+    for motion, positions in zip(motions, joints or []):
+        motion["frames"] = int(positions.shape[0])
+    meta = {"format": INDEX_FORMAT, **source,
+            "num_motions": len(motions), "num_captions": int(caption_emb.shape[0]),
+            "dim": int(motion_emb.shape[1]),
+            "feature_dim": int(info["feature_dim"]), "fps": float(info["fps"]),
+            "layout": layout_for_feature_dim(info["feature_dim"]) if joints is not None else None,
+            "corpus": info.get("corpus"),
+            "bundle": os.path.relpath(bundle, run_dir),  # "best", "final", or "." for a bundle folder
+            **bundle_identity(bundle, info), "motions": motions}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.save(tmp / MOTION_FILE, np.ascontiguousarray(motion_emb, dtype=np.float32), allow_pickle=False)
+    np.save(tmp / CAPTION_FILE, np.ascontiguousarray(caption_emb, dtype=np.float32), allow_pickle=False)
+    if joints is not None:
+        np.save(tmp / JOINTS_FILE, np.concatenate(joints), allow_pickle=False)
+    (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    file: str
+    reason: str
+
+
+def build_folder_index(run_dir: str | Path, motions_dir: str | Path, name: str | None = None,
+                       batch_size: int = 128) -> tuple[Path, list[SkippedFile]]:
+    """Encode every MOTION_ID.npy of a folder (raw features in the bundle's layout, as a
+    generator writes them) into RUN_DIR/search-index-NAME/ (default NAME: the folder's name),
+    without sharding them. The motions have no captions; files that are not such motions are
+    skipped and returned with the reason."""
+    import torch
+
+    from rehamot.data import eval_crop, normalize, pad_motions, schema
+    from rehamot.models.bundle import find_bundle, load_bundle
+
+    folder = Path(motions_dir)
+    if not folder.is_dir():
+        raise SearchError(f"--motions {folder}: not a folder")
+    out = index_folder(run_dir, name or default_index_name(folder))
+    bundle = find_bundle(run_dir)
+    model, cfg, info = load_bundle(bundle)
+    layout = layout_for_feature_dim(info["feature_dim"])
+    ids, features, skipped = [], [], []
+    for path in sorted(folder.glob("*.npy")):
+        try:
+            features.append(checked_features(read_features_file(path), info["feature_dim"], layout, path.name))
+        except SearchError as err:
+            reason = str(err).removeprefix(f"{path}: ").removeprefix(f"{path.name}: ")
+            skipped.append(SkippedFile(path.name, reason))
+            continue
+        ids.append(path.stem)
+    if not ids:
+        raise SearchError(f"--motions {folder}: no readable MOTION_ID.npy motion of (frames, "
+                          f"{info['feature_dim']}) features ({len(skipped)} .npy files skipped)")
+    mean, std = schema.mean_std(info)
+    embeddings = []
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            windows = [normalize(eval_crop(f, cfg.data.max_len), mean, std)
+                       for f in features[start:start + batch_size]]
+            batch = pad_motions(windows)
+            embeddings.append(model.encode_motion(batch["motion"], batch["motion_mask"]).float().numpy())
+    joints = None
+    if layout:
+        from rehamot.motion.kinematics import features_to_joints
+
+        joints = [features_to_joints(f, layout).astype(np.float32) for f in features]
+    motions = [{"id": motion_id, "captions": []} for motion_id in ids]
+    _write_index(out, Path(run_dir), bundle, info, motions, np.concatenate(embeddings),
+                 np.zeros((0, embeddings[0].shape[1]), np.float32), joints,
+                 {"split": None, "motions_dir": str(folder), "name": out.name.removeprefix(NAMED_INDEX_PREFIX),
+                  "skipped": [{"file": s.file, "reason": s.reason} for s in skipped]})
+    return out, skipped
 
 
 # --------------------------------------------------------------------------- searching
@@ -226,16 +374,17 @@ class SearchIndex:
         self._encode_lock = threading.Lock()  # one query at a time through the model (tokenizers are not reentrant)
 
     @classmethod
-    def load(cls, run_dir: str | Path, mmap: bool = True) -> SearchIndex:
-        """RUN_DIR/index/ as written by `search.py index`; arrays memory-mapped by default."""
-        folder = Path(run_dir) / INDEX_DIR
+    def load(cls, run_dir: str | Path, mmap: bool = True, name: str | None = None) -> SearchIndex:
+        """RUN_DIR/index/ (or the index NAME) as written by `search.py index`; arrays
+        memory-mapped by default."""
+        folder = index_folder(run_dir, name)
         if not (folder / META_FILE).is_file():
-            raise SearchError(f"no search index in {run_dir}: build it with "
-                              f"`rehamot-search index {run_dir}`")
+            which = f"no search index named {name!r}" if name else "no search index"
+            raise SearchError(f"{which} in {run_dir}: build it with `{_index_command(run_dir, name)}`")
         meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
         if meta.get("format") != INDEX_FORMAT:
             raise SearchError(f"{folder} has index format {meta.get('format')!r}, this rehamot reads "
-                              f"{INDEX_FORMAT}: rebuild it with `rehamot-search index {run_dir}`")
+                              f"{INDEX_FORMAT}: rebuild it with `{_index_command(run_dir, name)}`")
         mode = "r" if mmap else None
         motion_emb = np.load(folder / MOTION_FILE, mmap_mode=mode, allow_pickle=False)
         caption_emb = np.load(folder / CAPTION_FILE, mmap_mode=mode, allow_pickle=False)
@@ -307,35 +456,11 @@ class SearchIndex:
     def checked_features(self, features: Any, source: str = "motion") -> np.ndarray:
         """`features` as a finite float32 (T, feature_dim) array, or a one-line SearchError
         naming `source` (a file name) and what is wrong."""
-        expected = self.meta.get("feature_dim")
-        layout = self.meta.get("layout")
-        shape = f"(frames, {expected})" + (f", the {layout} layout" if layout else "")
-        array = np.asarray(features)
-        if array.dtype.kind not in "fiu":
-            raise SearchError(f"{source}: expected real numbers, got dtype {array.dtype}")
-        if array.ndim != 2 or (expected is not None and array.shape[1] != int(expected)):
-            raise SearchError(f"{source}: features of shape {array.shape}, this model reads {shape}")
-        if array.shape[0] < 1:
-            raise SearchError(f"{source}: the motion has no frames")
-        if not np.isfinite(array).all():
-            raise SearchError(f"{source}: the features contain NaN or infinite values")
-        return array.astype(np.float32, copy=False)
+        return checked_features(features, self.meta.get("feature_dim"), self.meta.get("layout"), source)
 
     def read_motion_file(self, path: str | Path) -> np.ndarray:
         """Raw features from a .npy file (never unpickled), checked as `checked_features`."""
-        try:
-            with open(path, "rb") as stream:
-                if stream.read(6) != b"\x93NUMPY":  # else numpy's complaint is about pickles
-                    raise SearchError(f"{path}: not a .npy file (no NumPy header)")
-            array = np.load(path, allow_pickle=False)
-        except SearchError:
-            raise
-        except Exception as err:  # whatever a missing or malformed file raises
-            reason = " ".join(str(err).split()) or type(err).__name__
-            raise SearchError(f"{path}: not a readable .npy file ({reason})") from None
-        if not isinstance(array, np.ndarray):  # an .npz archive
-            raise SearchError(f"{path}: not a single .npy array")
-        return self.checked_features(array, source=str(path))
+        return self.checked_features(read_features_file(path), source=str(path))
 
     # -- queries ------------------------------------------------------------------------------
     def search_motions(self, query_emb: np.ndarray, k: int = 5, exclude: int | None = None) -> list[MotionHit]:
@@ -398,6 +523,23 @@ class SearchIndex:
             raise SearchError(f"this index stores no joints: its feature width "
                               f"{self.meta.get('feature_dim')} matches no known skeleton layout")
         return np.asarray(self.joints[self.joint_offsets[motion]:self.joint_offsets[motion + 1]])
+
+
+def checked_features(features: Any, expected: int | None, layout: str | None,
+                     source: str = "motion") -> np.ndarray:
+    """`features` as a finite float32 (T, expected) array in `layout`, or a one-line SearchError
+    naming `source` (a file name) and what is wrong."""
+    shape = f"(frames, {expected})" + (f", the {layout} layout" if layout else "")
+    array = np.asarray(features)
+    if array.dtype.kind not in "fiu":
+        raise SearchError(f"{source}: expected real numbers, got dtype {array.dtype}")
+    if array.ndim != 2 or (expected is not None and array.shape[1] != int(expected)):
+        raise SearchError(f"{source}: features of shape {array.shape}, this model reads {shape}")
+    if array.shape[0] < 1:
+        raise SearchError(f"{source}: the motion has no frames")
+    if not np.isfinite(array).all():
+        raise SearchError(f"{source}: the features contain NaN or infinite values")
+    return array.astype(np.float32, copy=False)
 
 
 def checked_text(text: str) -> str:

@@ -1,6 +1,6 @@
 """A local search page over a run's index: type a description, watch the top motions move.
 
-    rehamot-search serve RUN_DIR [--host 127.0.0.1] [--port 8000]
+    rehamot-search serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--index NAME]
 
 The page (rehamot/retrieval/web/: one HTML file, one script, one style sheet, no CDN, so it works
 offline) draws each hit as an animated stick figure on a canvas from the joint positions the
@@ -9,7 +9,8 @@ index stores. It talks to a small JSON API:
     GET /api/search?q=TEXT&k=K   the same JSON and ranking as `query TEXT --json`
     GET /api/motion/ID           {"motion_id", "fps", "layout", "joints": T x J x [x, y, z] metres, "captions"}
     GET /api/similar/ID?k=K      the K nearest other motions and the top captions, as `query --motion ID --json`
-    GET /api/info                the index's size, split, layout, fps and skeleton (bones to draw)
+    GET /api/info                the index's size (motions, captions), name, split, layout, fps and
+                                 skeleton (bones to draw)
 
 Bad input is a JSON {"error": ...} with a 4xx status. The server is the standard library's
 HTTPServer with a fixed pool of WORKERS handler threads: a page and its dozen motion requests
@@ -116,7 +117,8 @@ def api_info(index: SearchIndex) -> dict[str, Any]:
         spec = get_layout(layout)
         skeleton = {"chains": [list(chain) for chain in spec.kinematic_chain],
                     "left": list(spec.left_chains), "right": list(spec.right_chains)}
-    return {"num_motions": index.num_motions, "split": index.meta.get("split"), "corpus": index.meta.get("corpus"),
+    return {"num_motions": index.num_motions, "num_captions": len(index.caption_ids),
+            "name": index.meta.get("name"), "split": index.meta.get("split"), "corpus": index.meta.get("corpus"),
             "layout": layout, "fps": index.meta.get("fps"), "skeleton": skeleton,
             "default_k": DEFAULT_K, "max_k": MAX_K, "max_query_chars": MAX_QUERY_CHARS}
 
@@ -333,9 +335,10 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False,
-          announce: Callable[[str], None] = print) -> None:
-    """Load the index and its model, print the page's URL, serve until Ctrl-C (or SIGTERM)."""
-    index = SearchIndex.load(run_dir)
+          announce: Callable[[str], None] = print, index_name: str | None = None) -> None:
+    """Load the index (the run's own, or the one named `index_name`) and its model, print the
+    page's URL, serve until Ctrl-C (or SIGTERM)."""
+    index = SearchIndex.load(run_dir, name=index_name)
     started = time.perf_counter()
     index.warm_up()
     index.encode_text("a person walks")  # the first real query pays no one-off costs
@@ -348,7 +351,7 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, verbos
         print(f"search: warning: the page has no authentication: anyone who can reach {bound_host}:{bound_port} "
               "can search this run's index (bind 127.0.0.1, the default, to keep it to this machine)",
               file=sys.stderr)
-    split = index.meta.get("split", "")
+    split = index.meta.get("split") or ""
     announce(f"search page for {run_dir} ({index.num_motions} {split} motions, model loaded in "
              f"{time.perf_counter() - started:.1f} s): http://{bound_host}:{bound_port}/  (Ctrl-C stops it)")
     sys.stdout.flush()

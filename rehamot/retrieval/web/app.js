@@ -199,6 +199,13 @@ function element(tag, className, text) {
   return node;
 }
 
+const NO_CAPTIONS = "no captions";  // a motion of a folder index has its id alone
+
+function listCaptions(list, captions) {
+  if (!captions.length) list.append(element("li", "none", NO_CAPTIONS));
+  captions.forEach((text) => list.append(element("li", "", text)));
+}
+
 function hitCard(hit) {
   const card = element("li", "hit");
   card.dataset.motionId = hit.motion_id;
@@ -211,8 +218,8 @@ function hitCard(hit) {
   meta.append(element("span", "rank", `#${hit.rank}`), element("span", "id", hit.motion_id),
               element("span", "score", hit.score.toFixed(3)));
   const captions = element("ul", "captions");
-  hit.captions.forEach((text) => captions.append(element("li", "", text)));
-  card.title = hit.captions.join("\n");  // every caption, whole, on hover
+  listCaptions(captions, hit.captions);
+  card.title = hit.captions.join("\n") || NO_CAPTIONS;  // every caption, whole, on hover
   card.append(canvas, meta, captions);
   if (hit.captions.length > 2) card.append(element("p", "more", `+${hit.captions.length - 2} more`));
   card.addEventListener("click", () => openDetail(hit.motion_id));
@@ -288,7 +295,7 @@ async function openDetail(id) {
     if (seq !== detailSeq) return;
     const frames = motion.joints.length;
     els.meta.textContent = `${frames} frames · ${(frames / motion.fps).toFixed(1)} s at ${motion.fps} fps`;
-    motion.captions.forEach((text) => els.captions.append(element("li", "", text)));
+    listCaptions(els.captions, motion.captions);
     for (const hit of similar.captions) {
       const item = element("li", hit.motion_id === id ? "own" : "");
       item.append(element("span", "score", hit.score.toFixed(3)), element("span", "", hit.text));
