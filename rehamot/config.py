@@ -100,10 +100,32 @@ class RunSection(Section):
     overwrite: bool = option(False, "start over in a run.dir that holds a run: delete that run's files first")
 
 
+DEMO_SHARDS = "data/demo"  # where configs/demo.yaml and `make demo` put the demo corpus
+
+
+@dataclass
+class SourceSection(Section):
+    """One corpus of a mixture: its shard set and how much of an epoch it fills."""
+
+    key: ClassVar[str] = "data.sources[]"
+    shards: str = option(NO_DEFAULT, "folder holding manifest.json (or a URL prefix)")
+    name: Optional[str] = option(None, "what logs and metrics call it; unset: the folder's name")
+    weight: float = option(1.0, "visits per train sample and epoch (2: twice, 0.5: a different half each epoch)",
+                           check=POSITIVE)
+
+    def check(self) -> None:
+        if self.name is None:
+            self.name = self.shards.rstrip("/").rsplit("/", 1)[-1] or self.shards
+
+
 @dataclass
 class DataSection(Section):
     key: ClassVar[str] = "data"
-    shards: str = option("data/demo", "folder holding manifest.json (or a URL prefix)")
+    shards: Optional[str] = option(None, "folder holding manifest.json (or a URL prefix); or set data.sources")
+    sources: list[SourceSection] = option(help="several corpora mixed in each epoch: a list of "
+                                               "{shards, name, weight}; instead of data.shards", factory=list)
+    eval_source: Optional[str] = option(None, "with data.sources: the source whose val and test splits are "
+                                              "evaluated; unset: the first")
     train_split: str = option("train", "split trained on")
     val_split: str = option("val", "split for validation and choosing best/")
     test_split: str = option("test", "split evaluated at the end")
@@ -121,6 +143,37 @@ class DataSection(Section):
                                             "fraction of the samples read", check=FRACTION)
     length_buckets: int = option(0, "n > 1: batches from pools of n sorted by length (changes the negatives)",
                                  check=NON_NEGATIVE)
+
+    def check(self) -> None:
+        if self.shards is not None and self.sources:
+            raise ConfigError("set data.shards or data.sources, not both (data.shards names one corpus, "
+                              "data.sources several)")
+        names = [source.name for source in self.sources]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ConfigError(f"data.sources: two sources are named {twice[0]!r}; give each its own name")
+        if self.eval_source is not None and self.eval_source not in names:
+            raise ConfigError(f"data.eval_source={self.eval_source!r} names no source (data.sources: "
+                              f"{', '.join(names) or 'none'})")
+
+
+def data_sources(data: DataSection) -> list[SourceSection]:
+    """The corpora trained on: data.sources, or data.shards as the one source of weight 1."""
+    if data.sources:
+        return list(data.sources)
+    if data.shards is None:
+        raise ConfigError("no training data: set data.shards (one shard folder) or data.sources")
+    return [SourceSection(shards=data.shards)]
+
+
+def eval_shards(data: DataSection) -> str | None:
+    """The shard set validation and evaluation read: data.shards (a command pointed at another
+    shard set sets it), else the eval source's; None when neither is set."""
+    if data.shards is not None or not data.sources:
+        return data.shards
+    sources = data_sources(data)
+    name = data.eval_source or sources[0].name
+    return next(source.shards for source in sources if source.name == name)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from rehamot.data import schema
@@ -45,7 +46,9 @@ class EvalCaption:
 
 class EvalSet:
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None = None, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, mean_std: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """mean_std: the normalisation the model was trained with (a bundle's, a mixture's);
+        None: the shard set's own."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
@@ -55,7 +58,7 @@ class EvalSet:
         self.shard_urls = [member_url(cfg.shards, r["path"]) for r in records]
         self.indexes = load_indexes(cfg.shards, records)
         self.feature_dim = int(manifest["feature_dim"])
-        self.mean, self.std = schema.mean_std(manifest)
+        self.mean, self.std = schema.mean_std(manifest) if mean_std is None else mean_std
 
         metas: dict[str, dict[str, Any]] = {}
         for url, index in zip(self.shard_urls, self.indexes):

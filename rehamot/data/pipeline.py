@@ -34,7 +34,12 @@ names the shards the workers met bad samples in (counted in memory shared with t
 the batches stay as they are).
 `strict=True` raises BadSampleError naming the shard and key instead.
 
-Resuming needs the same (shards, seed, world_size, batch_size, num_workers).
+Several sources (`DataConfig.sources`, from data.sources): their train shards are numbered one
+after the other and planned by plan.plan_mixture; samples are normalised with their pooled
+Mean/Std (schema.mixture_mean_std), a sample's id becomes `<source>/<id>`, and each batch carries
+`source_samples`, its samples per source. One source's batches are exactly a lone shard set's.
+
+Resuming needs the same (shards or sources, seed, world_size, batch_size, num_workers).
 Do not pass these loaders through accelerator.prepare: it would re-split or re-shard them.
 """
 from __future__ import annotations
@@ -59,12 +64,12 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from rehamot.config import Config, DataSection, TrainSection, build_component
+from rehamot.config import Config, DataSection, TrainSection, build_component, data_sources, eval_shards
 from rehamot.data import schema
 from rehamot.data.batch_ring import RING_KEY, BatchRing, RingWriter
 from rehamot.data.collate import Tokenizer, collate_pairs
 from rehamot.data.motion import random_window
-from rehamot.data.plan import SlotPlan, plan_epoch, steps_per_epoch
+from rehamot.data.plan import SlotPlan, SourceShards, mixture_samples, plan_mixture, steps_per_epoch
 from rehamot.data.reading import (
     BadSample,
     BadSampleError,
@@ -83,11 +88,21 @@ from rehamot.data.token_memo import TokenMemo
 PREFETCH = 2  # batches each loader worker prepares ahead (the DataLoader's prefetch_factor)
 
 
+@dataclass(frozen=True)
+class Source:
+    """One shard set of a training mixture (rehamot.config's data.sources entry)."""
+
+    name: str
+    shards: str
+    weight: float = 1.0
+
+
 @dataclass
 class DataConfig:
     """The loader's settings; the defaults are the schema's (rehamot.config), written there once."""
 
     shards: str  # directory or URL prefix holding manifest.json and the tars it names
+    sources: tuple[Source, ...] = ()  # training mixes these (plan.py); empty: `shards`, weight 1
     split: str = "train"
     batch_size: int = TrainSection.batch_size  # per rank
     num_workers: int = DataSection.num_workers  # loader worker processes per rank (0: the main process)
@@ -108,8 +123,12 @@ class DataConfig:
 
 
 def data_config(cfg: Config, split: str) -> DataConfig:
-    """The loader's config for one split: the run config's data section, its batch size and seed."""
-    return build_component(DataConfig, cfg.data, split=split, batch_size=cfg.train.batch_size, seed=cfg.seed)
+    """The loader's config for one split: the run config's data section, its batch size and seed.
+    With data.sources, `shards` is the eval source's (what an EvalSet reads) and `sources` the
+    mixture a TrainStream reads."""
+    sources = tuple(Source(s.name, s.shards, s.weight) for s in data_sources(cfg.data)) if cfg.data.sources else ()
+    return build_component(DataConfig, cfg.data, split=split, batch_size=cfg.train.batch_size, seed=cfg.seed,
+                           shards=eval_shards(cfg.data), sources=sources)
 
 
 def preflight(*, split: str, num_shards: int, num_samples: int, world_size: int,
@@ -136,18 +155,27 @@ class TrainStream:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
-        self.manifest = read_manifest(cfg.shards)
-        records = split_shards(self.manifest, cfg.split)
-        self.shard_urls = [member_url(cfg.shards, r["path"]) for r in records]
-        self.shard_sizes = [int(r["samples"]) for r in records]
-        self.num_samples = sum(self.shard_sizes)
+        self.sources = cfg.sources or (Source(cfg.shards.rstrip("/").rsplit("/", 1)[-1], cfg.shards),)
+        manifests = [read_manifest(source.shards) for source in self.sources]
+        self.manifest = manifests[0]
+        self.shard_urls, self.shard_sizes, self.indexes, self.shard_source = [], [], [], []
+        self.source_shards = []  # what the plan mixes
+        for number, (source, manifest) in enumerate(zip(self.sources, manifests)):
+            records = split_shards(manifest, cfg.split)
+            sizes = tuple(int(r["samples"]) for r in records)
+            self.source_shards.append(SourceShards(source.name, sizes, len(self.shard_sizes), source.weight))
+            self.shard_urls += [member_url(source.shards, r["path"]) for r in records]
+            self.shard_sizes += sizes
+            self.shard_source += [number] * len(records)
+        self.num_samples = mixture_samples(self.source_shards)  # visits per epoch
         self.feature_dim = int(self.manifest["feature_dim"])
-        self.mean, self.std = schema.mean_std(self.manifest)
-        preflight(split=cfg.split, num_shards=len(records), num_samples=self.num_samples,
+        self.mean, self.std = schema.mixture_mean_std(manifests, [s.weight for s in self.sources], cfg.split)
+        preflight(split=cfg.split, num_shards=len(self.shard_sizes), num_samples=self.num_samples,
                   world_size=world_size, num_workers=cfg.num_workers, batch_size=cfg.batch_size)
-        # every split's files (evaluation reads val and test later), this split's digests
-        schema.check_shard_files(cfg.shards, self.manifest)
-        self.indexes = load_indexes(cfg.shards, records)
+        for source, manifest in zip(self.sources, manifests):
+            # every split's files (evaluation reads val and test later), this split's digests
+            schema.check_shard_files(source.shards, manifest)
+            self.indexes += load_indexes(source.shards, split_shards(manifest, cfg.split))
         self.tokens = None if tokenizer is None else TokenMemo(tokenizer, cfg.max_text_len)
         self.steps_per_epoch = steps_per_epoch(self.num_samples, world_size, cfg.batch_size)
         self.ring_refused = False  # /dev/shm could not hold the batch ring: not tried again
@@ -155,14 +183,17 @@ class TrainStream:
         self.bad_per_shard = multiprocessing.RawArray("q", len(records))
 
     def bad_shards(self) -> dict[str, int]:
-        """{shard file name: bad samples this process's workers met in it}, this run."""
-        return {url.rsplit("/", 1)[-1]: count for url, count in zip(self.shard_urls, self.bad_per_shard) if count}
+        """{shard file name: bad samples this process's workers met in it}, this run; a mixture's
+        shard names start with their source's name (the sources' files have the same names)."""
+        prefix = [f"{self.sources[n].name}/" if len(self.sources) > 1 else "" for n in self.shard_source]
+        return {p + url.rsplit("/", 1)[-1]: count
+                for p, url, count in zip(prefix, self.shard_urls, self.bad_per_shard) if count}
 
     def plan(self, epoch: int) -> list[SlotPlan]:
         """This rank's slot plans (one per loader worker) for an epoch."""
-        plans = plan_epoch(self.shard_sizes, seed=self.cfg.seed, epoch=epoch,
-                           world_size=self.world_size, num_workers=self.cfg.num_workers,
-                           batch_size=self.cfg.batch_size)
+        plans = plan_mixture(self.source_shards, seed=self.cfg.seed, epoch=epoch,
+                             world_size=self.world_size, num_workers=self.cfg.num_workers,
+                             batch_size=self.cfg.batch_size)
         return [p for p in plans if p.rank == self.rank]
 
     def dataset(self, epoch: int, start_step: int = 0) -> SlotStream:
@@ -358,6 +389,9 @@ class _SlotReader:
                     continue
                 items = [self._item(pool[row][1], draws[row]) for row in rows]
                 batch = self._collate(items)
+                if len(self.stream.sources) > 1:  # samples drawn from each source, in source order
+                    batch["source_samples"] = np.bincount([pool[row][1][0]["__source__"] for row in rows],
+                                                          minlength=len(self.stream.sources))
                 batch["step"], batch["bad_samples"] = self.slot.batches[local], self.bad_since_batch
                 self.bad_since_batch = 0
                 yield batch
@@ -404,8 +438,12 @@ class _SlotReader:
               ) -> dict[str, Any]:
         (meta, motion), (caption_index, start, length) = sample, draw
         caption = meta["captions"][caption_index]
+        sources = self.stream.sources
+        # corpora number their motions alike: in a mixture an id names its source too, so the
+        # loss never takes two corpora's motions for one
+        sample_id = f"{sources[meta['__source__']].name}/{meta['id']}" if len(sources) > 1 else meta["id"]
         return {"motion": motion[start : start + length],  # normalised as it is collated
-                "id": meta["id"], "caption_id": caption["caption_id"], "text": caption["text"],
+                "id": sample_id, "caption_id": caption["caption_id"], "text": caption["text"],
                 "shard": meta["__shard__"]}
 
     def _good_samples(self) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
@@ -418,6 +456,7 @@ class _SlotReader:
                 index = self.stream.indexes[segment.shard]
                 for meta, motion in self._segment_samples(url, index, segment.first,
                                                           segment.stop):
+                    meta["__source__"] = self.stream.shard_source[segment.shard]
                     good += 1
                     yield meta, motion
             if good == 0:

@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=GUO_BATCH_SIZE, help="R-precision group size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the scores here (- for stdout)")
-    parser.add_argument("--shards", default=None, help="shard folder (default: the run's data.shards)")
+    parser.add_argument("--shards", default=None, help="shard folder or URL prefix (default: the run's data.shards)")
     parser.add_argument("--worst", type=int, default=0, metavar="N",
                         help="draw the N worst generated motions by each physical measure as GIFs")
     parser.add_argument("--worst-dir", default=None, help="where --worst writes (default: beside the JSON)")
@@ -110,7 +110,7 @@ def read_generated(folder: Path, ids: Sequence[str], check) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from rehamot.config import load_config
+    from rehamot.config import eval_shards, load_config
     from rehamot.data.schema import shared_location
     from rehamot.models.bundle import BUNDLE_FILE, CONFIG_FILE, find_bundle
 
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(bundle / CONFIG_FILE)
     feature_dim = int(json.loads((bundle / BUNDLE_FILE).read_text())["feature_dim"])
     # the bundle's config may come from anyone: its location must run nothing
-    shards = args.shards or shared_location(cfg.data.shards, str(bundle / CONFIG_FILE))
+    shards = args.shards or shared_location(eval_shards(cfg.data), str(bundle / CONFIG_FILE))  # a mixture: its eval source
 
     from rehamot.evaluation.generation_eval import Evaluator, check_motion, read_split
 

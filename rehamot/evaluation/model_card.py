@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rehamot.checksums import write_checksums
-from rehamot.config import Config, load_config
+from rehamot.config import Config, eval_shards, load_config
 
 CARD_FILE = "README.md"
 # rehamot.models.bundle's BUNDLE_FILE / CONFIG_FILE / WEIGHTS_FILE, not imported: export imports torch
@@ -88,7 +88,7 @@ def protocol_table(metrics: Mapping[str, float]) -> str:
 def _data_section(manifest: Mapping[str, Any] | None, cfg: Config) -> list[str]:
     lines = ["## Data", ""]
     if manifest is None:
-        return lines + [f"The shard manifest ({cfg.data.shards}) was not readable when this card was written.", ""]
+        return lines + [f"The shard manifest ({eval_shards(cfg.data)}) was not readable when this card was written.", ""]
     count, digest = shards_digest(manifest)
     lines += [
         f"- corpus: `{manifest.get('corpus')}`, {manifest.get('feature_dim')} features per frame at "
@@ -98,6 +98,10 @@ def _data_section(manifest: Mapping[str, Any] | None, cfg: Config) -> list[str]:
         + (f"`{digest}`" if digest else "not available (a shard has no sha256)"),
         f"- trained on `{cfg.data.train_split}`, best checkpoint chosen on `{cfg.data.val_split}`, "
         f"tested on `{cfg.data.test_split}`",
+        *([f"- trained on a mixture; each source's `{cfg.data.train_split}` visited weight times per epoch: "
+           + ", ".join(f"`{s['name']}` ({s.get('corpus')}, {s.get('train_motions')} motions, weight {s['weight']:g})"
+                       for s in manifest["sources"])
+           + "; the table and the evaluation are the eval source's"] if manifest.get("sources") else []),
         "",
         "| split | motions | captions | shards |",
         "| --- | ---: | ---: | ---: |",
@@ -258,7 +262,7 @@ def write_model_card(bundle_dir: str | Path, manifest: Mapping[str, Any] | None 
         from rehamot.data.schema import load_manifest
 
         try:
-            manifest = load_manifest(cfg.data.shards)
+            manifest = load_manifest(eval_shards(cfg.data))
         except (OSError, ValueError):
             manifest = None
     evaluation = _read_json(run_dir / f"eval-{cfg.data.test_split}.json")

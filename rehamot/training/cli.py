@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from rehamot.config import DEFAULT_CONFIG, ConfigError, DataSection, load_config, options_help
+from rehamot.config import DEFAULT_CONFIG, DEMO_SHARDS, ConfigError, data_sources, eval_shards, load_config, options_help
 
 # Tests that run training in a subprocess may set this to "module:function"; it is read once,
 # here, and the function is called with the Trainer before the loop (fault injection).
@@ -63,16 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(config_path or DEFAULT_CONFIG, overrides)
     except ConfigError as err:
         return refuse(str(err))
-    from rehamot.data.schema import ShardSetError, check_shard_files, load_manifest
+    from rehamot.data.schema import ShardSetError
 
     try:
-        manifest = load_manifest(cfg.data.shards)
-        check_shard_files(cfg.data.shards, manifest)
+        manifests = load_sources(cfg)
     except FileNotFoundError as err:
         # only the demo's own folder is worth building where it is looked for
-        demo = "; `make demo` builds the demo shards there and trains" if cfg.data.shards == DataSection.shards else ""
+        demo = "; `make demo` builds the demo shards there and trains" if cfg.data.shards == DEMO_SHARDS else ""
         return refuse(f"{err}{demo}")
-    except ShardSetError as err:
+    except (ShardSetError, ConfigError) as err:
         return refuse(str(err))
     from rehamot.models import check_text_model
 
@@ -80,13 +79,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_text_model(cfg.model.text_model)
     except OSError as err:
         return refuse(str(err))
-    empty = [f"data.{key}={getattr(cfg.data, key)}" for key in ("train_split", "val_split", "test_split")
-             if not manifest["splits"].get(getattr(cfg.data, key), {}).get("motions")]
-    if empty:
-        return refuse(f"{', '.join(empty)}: no samples in {cfg.data.shards}/manifest.json (splits there: "
-                      f"{', '.join(k for k, v in manifest['splits'].items() if v.get('motions'))}); "
-                      "point each at a split with samples")
-    return run_training(cfg, manifest)
+    for shards, manifest in manifests.items():  # every source trains; the eval source is evaluated too
+        keys = ("train_split", "val_split", "test_split") if shards == eval_shards(cfg.data) else ("train_split",)
+        empty = [f"data.{key}={getattr(cfg.data, key)}" for key in keys
+                 if not manifest["splits"].get(getattr(cfg.data, key), {}).get("motions")]
+        if empty:
+            return refuse(f"{', '.join(empty)}: no samples in {shards}/manifest.json (splits there: "
+                          f"{', '.join(k for k, v in manifest['splits'].items() if v.get('motions'))}); "
+                          "point each at a split with samples")
+    return run_training(cfg, training_manifest(cfg, manifests))
+
+
+# What makes two shard sets' samples the same kind of input to one model.
+REPRESENTATION_KEYS = ("feature_dim", "fps", "layout")
+
+
+def representation(manifest: dict) -> dict:
+    layout = (manifest.get("representation") or {}).get("layout")
+    return {"feature_dim": manifest.get("feature_dim"), "fps": manifest.get("fps"), "layout": layout}
+
+
+def load_sources(cfg) -> dict:
+    """{shards: manifest} of every source, files checked; sources of different representations
+    (feature dimension, fps, layout) are refused, naming both."""
+    from rehamot.data.schema import ShardSetError, check_shard_files, load_manifest
+
+    manifests, first = {}, None
+    for source in data_sources(cfg.data):
+        manifest = load_manifest(source.shards)
+        check_shard_files(source.shards, manifest)
+        manifests[source.shards] = manifest
+        if first is None:
+            first = source, representation(manifest)
+            continue
+        other = representation(manifest)
+        differ = [key for key in REPRESENTATION_KEYS if other[key] != first[1][key]]
+        if differ:
+            said = ", ".join(f"{key} {first[1][key]} vs {other[key]}" for key in differ)
+            raise ShardSetError(f"data.sources {first[0].name!r} ({first[0].shards}) and {source.name!r} "
+                                f"({source.shards}) hold different representations ({said}); one model "
+                                "trains on one representation")
+    return manifests
+
+
+def training_manifest(cfg, manifests: dict) -> dict:
+    """The manifest the run's bundles describe: the eval source's, with a mixture's one Mean/Std
+    (schema.mixture_mean_std) and its sources recorded."""
+    from rehamot.data.schema import mixture_mean_std
+
+    manifest = manifests[eval_shards(cfg.data)]
+    if not cfg.data.sources:
+        return manifest
+    sources = data_sources(cfg.data)
+    mean, std = mixture_mean_std([manifests[s.shards] for s in sources], [s.weight for s in sources],
+                                 cfg.data.train_split)
+    listed = [{"name": s.name, "shards": s.shards, "weight": s.weight, "corpus": manifests[s.shards].get("corpus"),
+               "train_motions": manifests[s.shards]["splits"][cfg.data.train_split]["motions"]} for s in sources]
+    return {**manifest, "mean": mean.tolist(), "std": std.tolist(), "sources": listed,
+            "mean_std_source": "mixture of " + " + ".join(f"{s.name} (weight {s.weight:g})" for s in sources),
+            "eval_source": cfg.data.eval_source or sources[0].name}
 
 
 def run_training(cfg, manifest) -> int:

@@ -216,6 +216,24 @@ class TextFeatureCache:
         return self.features[torch.tensor(rows, dtype=torch.int64)]
 
 
+def merge_caches(caches: Sequence[TextFeatureCache]) -> TextFeatureCache:
+    """Several sources' caches looked up as one (a caption's features depend on its text only,
+    so a text in two caches has one row); one cache is returned as it is."""
+    if len(caches) == 1:
+        return caches[0]
+    texts: list[str] = []
+    seen: set[str] = set()
+    parts = []
+    for cache in caches:
+        new = [row for row, text in enumerate(cache.texts) if text not in seen]
+        seen.update(cache.texts)
+        texts += [cache.texts[row] for row in new]
+        parts.append(cache.features[torch.tensor(new, dtype=torch.int64)])
+    features = torch.cat(parts)
+    key = "+".join(cache.key for cache in caches)
+    return TextFeatureCache(Path(" + ".join(str(cache.path) for cache in caches)), key, texts, features)
+
+
 def _pack_texts(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     encoded = [t.encode("utf-8") for t in texts]
     offsets = torch.zeros(len(encoded) + 1, dtype=torch.int64)

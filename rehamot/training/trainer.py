@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from rehamot import distributed as dist_utils
-from rehamot.config import Config
+from rehamot.config import Config, data_sources
 from rehamot.data import EvalSet, TrainStream, data_config
 from rehamot.evaluation.retrieval_eval import encode_split, evaluate_encoded, evaluate_model, print_results, write_eval_figures
 from rehamot.loss.grad_cache import DEEPSPEED_REFUSAL, backward_through_cache, embed_without_grad
@@ -170,6 +170,8 @@ class Trainer:
             write_run_files(self.run_dir, cfg, {
                 "world_size": self.world, "distributed_type": str(self.acc.distributed_type),
                 "mixed_precision": self.acc.mixed_precision,
+                **({key: manifest[key] for key in ("sources", "mean_std_source", "mean", "std")}
+                   if "sources" in manifest else {}),  # a mixture's one normalisation
             })
         self.acc.wait_for_everyone()
 
@@ -186,6 +188,8 @@ class Trainer:
         self.best_rsum = -math.inf
         self.skipped_steps = 0
         self.bad_samples = 0  # samples the loaders skipped, all ranks, whole run
+        self.source_names = [source.name for source in self.stream.sources]
+        self.source_samples = [0] * len(self.source_names)  # drawn from each source, all ranks, whole run
         self.health = TrainingHealth()
         self.last_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # for batch_similarity.png
         if self.resume_point is not None:
@@ -200,9 +204,17 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "world_size": self.world, "seed": self.cfg.seed, "batch_size": self.cfg.train.batch_size,
             "num_workers": self.cfg.data.num_workers, "shards": self.cfg.data.shards,
+            "sources": self.sources_setting(),
             "best_rsum": self.best_rsum if math.isfinite(self.best_rsum) else None,
             "bad_samples": self.bad_samples,
+            "source_samples": dict(zip(self.source_names, self.source_samples)),
         }
+
+    def sources_setting(self) -> list[list[Any]] | None:
+        """data.sources as the data order depends on them (name, real shard path, weight)."""
+        if not self.cfg.data.sources:
+            return None
+        return [[s.name, _comparable(s.shards), s.weight] for s in data_sources(self.cfg.data)]
 
     def save(self) -> Path:
         bad = [name for name, p in self.acc.unwrap_model(self.model).named_parameters() if not torch.isfinite(p).all()]
@@ -304,13 +316,14 @@ class Trainer:
             return None
         pos = ckpt.read_position(path, required=("step", "epoch", "step_in_epoch", "best_rsum"))
         now = {"world_size": self.world, "batch_size": self.cfg.train.batch_size,
-               "num_workers": self.cfg.data.num_workers, "seed": self.cfg.seed, "shards": self.cfg.data.shards}
+               "num_workers": self.cfg.data.num_workers, "seed": self.cfg.seed, "shards": self.cfg.data.shards,
+               "sources": self.sources_setting()}
         changed = {k: (pos.get(k), v) for k, v in now.items() if _comparable(pos.get(k)) != _comparable(v)}
         if changed:
             what = ", ".join(f"{k}={old} then, {new} now" for k, (old, new) in changed.items())
             raise ckpt.CheckpointError(
                 f"resume from {path}: {what}. The data order and the global batch depend on the "
-                "world size, batch size, loader workers, seed and shards, so an exact resume needs the same "
+                "world size, batch size, loader workers, seed and shards (or sources), so an exact resume needs the same "
                 "values; relaunch with them (or start a new run from the exported bundle)."
             )
         return path, pos
@@ -322,6 +335,8 @@ class Trainer:
         self.step, self.epoch, self.step_in_epoch = pos["step"], pos["epoch"], pos["step_in_epoch"]
         self.best_rsum = pos["best_rsum"] if pos["best_rsum"] is not None else -math.inf
         self.bad_samples = int(pos.get("bad_samples", 0))
+        drawn = pos.get("source_samples") or {}
+        self.source_samples = [int(drawn.get(name, 0)) for name in self.source_names]
         if self.acc.is_main_process:
             print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.step_in_epoch})")
 
@@ -333,11 +348,17 @@ class Trainer:
             export_bundle(self.run_dir / name, state, unwrapped.text.fingerprint(), self.cfg, self.manifest, extra)
         self.acc.wait_for_everyone()
 
+    def eval_set(self, split: str) -> EvalSet:
+        """A split of the eval source (data.eval_source), normalised as training normalises (a
+        mixture's one Mean/Std, which the bundles carry)."""
+        return EvalSet(data_config(self.cfg, split), self.tokenizer, self.rank, self.world,
+                       mean_std=(self.stream.mean, self.stream.std))
+
     def validate(self) -> None:
         split = self.cfg.data.val_split
         if split not in self.manifest["splits"]:
             return
-        eval_set = EvalSet(data_config(self.cfg, split), self.tokenizer, self.rank, self.world)
+        eval_set = self.eval_set(split)
         results = evaluate_model(self.eval_model(self.model), eval_set, self.acc.device,
                                  batch_size=self.cfg.train.eval_batch_size, protocols=("captions",))
         metrics = results["captions"]
@@ -351,27 +372,34 @@ class Trainer:
 
     # -- frozen-LM text features -----------------------------------------------------------
     def load_text_cache(self) -> feature_cache.TextFeatureCache:
-        """Every training caption's frozen-LM features, loaded, or built in parallel by all ranks."""
+        """Every training caption's frozen-LM features, loaded, or built in parallel by all ranks:
+        one cache per source (beside its shards, keyed by its captions), looked up as one."""
         cfg = self.cfg
         encoder = accel.frozen_for_inference(self.acc, self.acc.unwrap_model(self.model).text,
                                              lambda: TextEncoder(text_config(cfg)))
-        result = feature_cache.load_or_build(
-            encoder, self.tokenizer, shards=cfg.data.shards, split=cfg.data.train_split,
-            cache_dir=cfg.model.text_cache_dir or feature_cache.default_cache_dir(cfg.data.shards, cfg.run.root),
-            max_text_len=cfg.data.max_text_len, rank=self.rank, world=self.world,
-            barrier=self.acc.wait_for_everyone, parts_dir=self.run_dir / "text-cache-parts",
-            device=self.acc.device, strict=cfg.data.strict,
-        )
-        if self.acc.is_main_process:
-            print(f"text cache: {'built' if result.built else 'loaded'} {result.cache.path} "
-                  f"({len(result.cache)} captions, {result.seconds:.1f} s)", flush=True)
-        return result.cache
+        sources = self.stream.sources
+        caches = []
+        for source in sources:
+            parts = self.run_dir / "text-cache-parts"
+            result = feature_cache.load_or_build(
+                encoder, self.tokenizer, shards=source.shards, split=cfg.data.train_split,
+                cache_dir=cfg.model.text_cache_dir or feature_cache.default_cache_dir(source.shards, cfg.run.root),
+                max_text_len=cfg.data.max_text_len, rank=self.rank, world=self.world,
+                barrier=self.acc.wait_for_everyone, parts_dir=parts / source.name if len(sources) > 1 else parts,
+                device=self.acc.device, strict=cfg.data.strict,
+            )
+            if self.acc.is_main_process:
+                print(f"text cache: {'built' if result.built else 'loaded'} {result.cache.path} "
+                      f"({len(result.cache)} captions, {result.seconds:.1f} s)", flush=True)
+            caches.append(result.cache)
+        return feature_cache.merge_caches(caches)
 
     # -- one optimizer step -------------------------------------------------------------------
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch's tensors on the device; with the text cache, the captions' frozen-LM
         features (B, H) stand in for their token ids."""
-        inputs = to_device(batch, self.acc.device)
+        # a mixture's per-source counts are for the log, not the towers
+        inputs = to_device({k: v for k, v in batch.items() if k != "source_samples"}, self.acc.device)
         if self.text_cache is not None:
             features = self.text_cache.lookup(batch["texts"], batch["ids"], batch.get("shards"))
             inputs["text_features"] = features.to(self.acc.device, non_blocking=True)
@@ -384,6 +412,13 @@ class Trainer:
     def logs_step(self, step: int) -> bool:
         """Whether the step that ends at `step` writes a metrics record."""
         return step % self.cfg.train.log_every == 0 or step == self.total_steps
+
+    def drawn_per_source(self, batch: dict[str, Any]) -> list[float]:
+        """This rank's batch's samples per source (a mixture's batches count them; one source's
+        batch is all its own)."""
+        if "source_samples" in batch:
+            return [float(n) for n in batch["source_samples"].tolist()]
+        return [float(len(batch["texts"]))]
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         model = self.model
@@ -410,13 +445,17 @@ class Trainer:
             1.0 if (self.run_dir / PREEMPT_MARKER).exists() else 0.0,
             float(batch.get("bad_samples", 0)),
             1.0 if self.ctrl_c.requested else 0.0,
+            *self.drawn_per_source(batch),
         ], dtype=torch.float64)
         flags = torch.cat([(~finite).to(torch.float64).reshape(1), host_flags.to(self.acc.device)])
         # ONE all-reduce per step carries the loss statistics and the flags all ranks must agree on.
         summed = dist_utils.all_reduce_sum(torch.cat([stats_vector(out.stats), flags]))
         stats = summarize_stats(summed[:len(STATS_KEYS)])
-        stats.update(zip(("nonfinite", "preempt", "bad_samples", "interrupt"), summed[len(STATS_KEYS):].tolist()))
+        flag_values = summed[len(STATS_KEYS):].tolist()
+        stats.update(zip(("nonfinite", "preempt", "bad_samples", "interrupt"), flag_values))
         self.bad_samples += int(stats["bad_samples"])
+        # drawn is drawn: a skipped (non-finite) step's samples count too, as its bad samples do
+        self.source_samples = [total + int(n) for total, n in zip(self.source_samples, flag_values[4:])]
         if stats["nonfinite"] > 0:
             if self.cfg.train.nonfinite == "stop":
                 raise FloatingPointError(f"non-finite loss at step {self.step} on {stats['nonfinite']:.0f} rank(s); "
@@ -534,7 +573,7 @@ class Trainer:
         if logged or epoch_end:  # the same all-reduced counts on every rank: all stop alike
             read = self.step * self.cfg.train.batch_size * self.world + self.bad_samples
             check_bad_samples(self.bad_samples, read, self.cfg.data.max_bad_fraction,
-                              self.stream.bad_shards(), self.cfg.data.shards)
+                              self.stream.bad_shards(), " and ".join(s.shards for s in self.stream.sources))
 
     def record(self, stats: dict[str, Any], steps: int, elapsed: float, data_wait: float) -> dict[str, Any]:
         groups = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}
@@ -549,6 +588,7 @@ class Trainer:
             "drop_rate": stats["drop_rate"],
             "skipped_steps": self.skipped_steps,
             "bad_samples": self.bad_samples,
+            "source_samples": dict(zip(self.source_names, self.source_samples)),
         }
 
     def finish(self) -> None:
@@ -562,7 +602,7 @@ class Trainer:
         acc.wait_for_everyone()
         bundle = find_bundle(self.run_dir)
         model, _, info = load_bundle(bundle, device=acc.device)
-        eval_set = EvalSet(data_config(cfg, cfg.data.test_split), self.tokenizer, self.rank, self.world)
+        eval_set = self.eval_set(cfg.data.test_split)
         enc = encode_split(model, eval_set, acc.device, cfg.train.eval_batch_size)
         results = evaluate_encoded(enc, ("captions",))
         del model
