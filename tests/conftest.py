@@ -59,3 +59,16 @@ TINY_RUN = [
 # does both (dropout, a loader worker). Resume checks add these, or they could not see a
 # random number drawn outside the training step.
 AS_DEMO_RANDOMNESS = ["model.dropout=0.1", "data.num_workers=1"]
+
+
+@pytest.fixture(scope="session")
+def indexed_run(demo_shards, tmp_path_factory) -> Path:
+    """A tiny trained run with its search index, shared by the search tests (they only add
+    named indexes beside it)."""
+    out = tmp_path_factory.mktemp("indexed") / "run"
+    run_cli([sys.executable, "rehamot/train.py", "configs/demo.yaml", *TINY_RUN, f"data.shards={demo_shards}",
+             f"run.dir={out}", "train.max_steps=2", "train.val_every=2", "train.save_every=100",
+             "data.max_len=100"])  # the model sees 100 frames; the page still shows whole clips
+    run_cli([sys.executable, "rehamot/search.py", "index", str(out)])
+    return out
+

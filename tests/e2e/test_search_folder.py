@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_RUN, run_cli
+from conftest import REPO, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -26,12 +26,8 @@ def search(*args: str, check: bool = True):
 
 
 @pytest.fixture(scope="module")
-def run_dir(demo_shards, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("folder") / "run"
-    run_cli([sys.executable, "rehamot/train.py", "configs/demo.yaml", *TINY_RUN, f"data.shards={demo_shards}",
-             f"run.dir={out}", "train.max_steps=2", "train.val_every=2", "train.save_every=100"])
-    search("index", str(out))  # the run's own index, which a named one must leave alone
-    return out
+def run_dir(indexed_run) -> Path:
+    return indexed_run  # its own index, which a named one must leave alone
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_RUN, run_cli
+from conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -31,13 +31,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture(scope="module")
-def run_dir(demo_shards, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("page") / "run"
-    run_cli([sys.executable, "rehamot/train.py", "configs/demo.yaml", *TINY_RUN, f"data.shards={demo_shards}",
-             f"run.dir={out}", "train.max_steps=2", "train.val_every=2", "train.save_every=100",
-             "data.max_len=100"])  # the model sees 100 frames; the page still shows whole clips
-    run_cli([sys.executable, "rehamot/search.py", "index", str(out)])
-    return out
+def run_dir(indexed_run) -> Path:
+    return indexed_run
 
 
 def _first_line(proc: subprocess.Popen, timeout: float) -> str:
