@@ -246,7 +246,12 @@ class _BoundedTiles:
         self.cols_p = (pairs.cols_m.index_select(0, groups.order), pairs.cols_t.index_select(0, groups.order))
         self.rows_p = self.cols_p if shared else (rows_m.index_select(0, self.row_order),
                                                   rows_t.index_select(0, self.row_order))
-        self.needers = [torch.nonzero(need[:, h]).squeeze(1).tolist() for h in range(count)]
+        # per column group, the positions (in row order) of every row group that needs it: one
+        # product per piece of a column group instead of one per tile
+        self.need_rows = [torch.cat([torch.arange(*self.row_bounds[g], device=may.device)
+                                     for g in torch.nonzero(need[:, h]).squeeze(1).tolist()] or
+                                    [torch.zeros(0, dtype=torch.int64, device=may.device)])
+                          for h in range(count)]
         num_cols, device = pairs.num_cols, rows_m.device
         self.chunks = [(start, min(start + chunk_size, num_cols)) for start in column_chunks(num_cols, chunk_size)]
         self.place = torch.empty(num_cols, dtype=torch.int64, device=device)  # order position -> place in chunk
@@ -277,23 +282,24 @@ class _BoundedTiles:
         lo, hi = torch.searchsorted(self.same_position, bounds).tolist()
         return self.same_rows[lo:hi], self.place[self.same_position[lo:hi]]
 
-    def drops(self, chunk: int) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
+    def drops(self, chunk: int, count: bool) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
         """Per direction (one when the thresholds are symmetric) the (rows, places in the chunk)
-        of its threshold drops, and their count over both directions, non-negatives excluded."""
-        rows_m_p, rows_t_p = self.rows_p
-        cols_m_p, cols_t_p = self.cols_p
+        of its threshold drops, and when `count` their count over both directions,
+        non-negatives excluded."""
         found: list[tuple[list[Tensor], list[Tensor]]] = [([], []) for _ in self.directions]
-        dropped = zero_count(rows_m_p.device)
+        dropped = zero_count(self.row_order.device)
         for lo, hi, h in self.pieces[chunk]:
-            for g in self.needers[h]:
-                row_lo, row_hi = self.row_bounds[g]
-                sims_m = rows_m_p[row_lo:row_hi] @ cols_m_p[lo:hi].T
-                sims_t = rows_t_p[row_lo:row_hi] @ cols_t_p[lo:hi].T
-                for (rows, places), (motion_threshold, text_threshold) in zip(found, self.directions):
-                    drop = (sims_m > motion_threshold).logical_or_(sims_t > text_threshold)
-                    tile_rows, tile_cols = torch.nonzero(drop, as_tuple=True)
-                    rows.append(self.row_order[tile_rows + row_lo])
-                    places.append(self.place[tile_cols + lo])
+            need = self.need_rows[h]  # the rows of every row group the bound keeps for group h
+            if need.numel() == 0:
+                continue
+            sims_m = self.rows_p[0].index_select(0, need) @ self.cols_p[0][lo:hi].T
+            sims_t = self.rows_p[1].index_select(0, need) @ self.cols_p[1][lo:hi].T
+            for (rows, places), (motion_threshold, text_threshold) in zip(found, self.directions):
+                drop = (sims_m > motion_threshold).logical_or_(sims_t > text_threshold)
+                tile_rows, tile_cols = torch.nonzero(drop, as_tuple=True)
+                rows.append(self.row_order[need[tile_rows]])
+                places.append(self.place[tile_cols + lo])
+                if count:
                     dropped += (tile_rows.numel() - _no_negative_count(
                         rows[-1], self.order[tile_cols + lo], self.row_ids, self.row_index, self.pairs.col_ids)) * (
                         3 - len(self.directions))  # symmetric thresholds: both directions drop these pairs
@@ -359,7 +365,8 @@ def bounded_scan(pairs: Pairs, rows: Tensor | None, thresholds: DropThresholds, 
     for chunk, (start, stop) in enumerate(column_chunks_of(tiles, pairs.num_cols, chunk_size)):
         if tiles is not None:
             col_index = tiles.chunk_cols[chunk]
-            block_m, block_t = pairs.cols_m.index_select(0, col_index), pairs.cols_t.index_select(0, col_index)
+            block_t = pairs.cols_t.index_select(0, col_index)
+            block_m = None if shared else pairs.cols_m.index_select(0, col_index)
         else:
             col_index = torch.arange(start, stop, device=device)
             block_m, block_t = pairs.cols_m[start:stop], pairs.cols_t[start:stop]
@@ -368,7 +375,7 @@ def bounded_scan(pairs: Pairs, rows: Tensor | None, thresholds: DropThresholds, 
             scores_mt.clone() if shared else rows_t @ block_m.T)
         if tiles is not None:
             not_negative = tiles.not_negatives(chunk)
-            by_direction, tile_dropped = tiles.drops(chunk)
+            by_direction, tile_dropped = tiles.drops(chunk, count)
             dropped += tile_dropped
             _skip(scores_mt, not_negative, by_direction[0])
             if scores_tm is not None:
@@ -412,7 +419,7 @@ def count_dropped_pairs(pairs: Pairs, thresholds: DropThresholds, chunk_size: in
     dropped = zero_count(pairs.rows_m.device)
     if tiles.usable:
         for chunk in range(len(tiles.chunks)):
-            dropped += tiles.drops(chunk)[1]
+            dropped += tiles.drops(chunk, count=True)[1]
         return dropped
     for start in column_chunks(pairs.num_cols, chunk_size):
         stop = min(start + chunk_size, pairs.num_cols)
@@ -516,13 +523,13 @@ def top_k_search(pairs: Pairs, rows: Tensor | None, thresholds: DropThresholds, 
     return index_mt, index_tm, settled_mt & settled_tm
 
 
-def probe_says_bounded(pairs: Pairs, thresholds: DropThresholds, k: int, chunk_size: int) -> bool:
+def probe_says_bounded(pairs: Pairs, thresholds: DropThresholds, k: int) -> bool:
     """True when the top-k search would leave too many rows unsettled (checked on a few)."""
     if pairs.num_rows < PROBE_MIN_ROWS:
         return False
     count = max(16, pairs.num_rows // 128)
     rows = torch.linspace(0, pairs.num_rows - 1, count, device=pairs.rows_m.device).long().unique()
-    _, _, settled = top_k_search(pairs, rows, thresholds, k, chunk_size)
+    _, _, settled = top_k_search(pairs, rows, thresholds, k, chunk_width(AUTO_CHUNK, rows.numel()))
     return float((~settled).float().mean()) > PROBE_LIMIT
 
 
@@ -576,7 +583,7 @@ def hardest_kept_negatives(
             index_mt, index_tm = _hardest_scores(pairs, chunk_size)
             return index_mt, index_tm, zero_count(pairs.rows_m.device), candidates
         if strategy == "auto":
-            strategy = "bounded" if probe_says_bounded(pairs, thresholds, top_k, chunk_size) else "topk"
+            strategy = "bounded" if probe_says_bounded(pairs, thresholds, top_k) else "topk"
         if strategy in ("bounded", "plain"):
             index_mt, index_tm, dropped = bounded_scan(pairs, None, thresholds, chunk_size,
                                                        bounded=strategy == "bounded", count=count_drops)

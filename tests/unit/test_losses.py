@@ -497,9 +497,9 @@ def test_auto_takes_the_bounded_scan_when_thresholds_drop_nearly_everything() ->
     m, t, ids = _clustered(512, 8, clusters=2, seed=9, spread=0.3)
     pairs = Pairs.single(m, t, ids)
     everything = DropThresholds(-0.99, -0.99, -0.99, -0.99)
-    assert negative_search.probe_says_bounded(pairs, everything, negative_search.TOP_K, 128)
+    assert negative_search.probe_says_bounded(pairs, everything, negative_search.TOP_K)
     nothing = DropThresholds(0.999, 0.999, 0.999, 0.999)
-    assert not negative_search.probe_says_bounded(pairs, nothing, negative_search.TOP_K, 128)
+    assert not negative_search.probe_says_bounded(pairs, nothing, negative_search.TOP_K)
     choices = _choices(pairs, everything)
     assert choices == _choices(pairs, everything, strategy="plain")
     assert set(choices[0]) == {-1} and set(choices[1]) == {-1}
