@@ -14,7 +14,7 @@ Single-process mode (--single): one process, one batch of --batch pairs (no gath
 --count-drops counts every dropped pair (what a logged training step does); without it the
 chunked arms skip that count (every other step). --rounds N repeats every arm N times,
 alternating, and reports each arm's time over the `reference` arm's in the same round.
---thresholds T sets all four drop thresholds (-1: drop everything, the worst case).
+--thresholds T sets all four drop thresholds (-0.99: drop nearly everything, the worst case).
 
 Every measurement runs in fresh processes, so that each process's max RSS
 (resource.getrusage) belongs to that measurement alone. "peak tensor" is the high-water
