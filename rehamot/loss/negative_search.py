@@ -19,9 +19,9 @@ give what the plain scan gives (every intra-modal similarity, the reference and 
   Cheap when the embeddings cluster (the case where many top candidates are dropped, which
   defeats top-k); the plain scan when they do not.
 
-"auto" scans plainly below MIN_SEARCH_CELLS; above, it probes a few rows with the top-k search
-and takes the bounded scan for every row when top-k would leave more than PROBE_LIMIT of them
-unsettled. Every strategy returns the
+"auto" scans plainly below MIN_SEARCH_CELLS; above, it probes a few rows (`probe`): the plain
+scan when they drop more than a quarter of their candidates, the bounded scan when the top-k
+search would leave more than PROBE_LIMIT of them unsettled, the top-k search otherwise. Every strategy returns the
 same indices (ties to the lowest global column), up to the float round-off of a similarity
 computed in another order lying exactly at a threshold. Counting *every* dropped pair needs
 each similarity the bound cannot rule out: the bounded scan counts them on the way; after a
@@ -527,14 +527,21 @@ def top_k_search(pairs: Pairs, rows: Tensor | None, thresholds: DropThresholds, 
     return index_mt, index_tm, settled_mt & settled_tm
 
 
-def probe_says_bounded(pairs: Pairs, thresholds: DropThresholds, k: int) -> bool:
-    """True when the top-k search would leave too many rows unsettled (checked on a few)."""
+def probe(pairs: Pairs, thresholds: DropThresholds, k: int) -> str:
+    """The search for these pairs, from a few evenly spaced rows: "plain" when they drop more
+    than MAX_TILE_SHARE of their candidates (the bound's tiles hold every drop, so it cannot
+    prune enough), "bounded" when the top-k search would leave more than PROBE_LIMIT of them
+    unsettled, else "topk"."""
     if pairs.num_rows < PROBE_MIN_ROWS:
-        return False
+        return "topk"
     count = max(16, pairs.num_rows // 128)
     rows = torch.linspace(0, pairs.num_rows - 1, count, device=pairs.rows_m.device).long().unique()
+    drop = (pairs.rows_m.index_select(0, rows) @ pairs.cols_m.T) > min(thresholds.mt_motion, thresholds.tm_motion)
+    drop |= (pairs.rows_t.index_select(0, rows) @ pairs.cols_t.T) > min(thresholds.mt_text, thresholds.tm_text)
+    if float(drop.float().mean()) > MAX_TILE_SHARE:
+        return "plain"
     _, _, settled = top_k_search(pairs, rows, thresholds, k, chunk_width(AUTO_CHUNK, rows.numel()))
-    return float((~settled).float().mean()) > PROBE_LIMIT
+    return "bounded" if float((~settled).float().mean()) > PROBE_LIMIT else "topk"
 
 
 # ----------------------------------------------------------------------------- MH and the dispatcher
@@ -589,7 +596,7 @@ def hardest_kept_negatives(
         if strategy == "auto" and pairs.num_rows * pairs.num_cols < MIN_SEARCH_CELLS:
             strategy = "plain"
         if strategy == "auto":
-            strategy = "bounded" if probe_says_bounded(pairs, thresholds, top_k) else "topk"
+            strategy = probe(pairs, thresholds, top_k)
         if strategy in ("bounded", "plain"):
             index_mt, index_tm, dropped = bounded_scan(pairs, None, thresholds, chunk_size,
                                                        bounded=strategy == "bounded", count=count_drops)

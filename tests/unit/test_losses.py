@@ -491,15 +491,17 @@ def test_drops_are_counted_only_when_asked_and_choices_do_not_change() -> None:
     assert float(again.loss) == float(out.loss) and reduce_stats(again.stats)["dropped"] == counted[2]
 
 
-def test_auto_takes_the_bounded_scan_when_thresholds_drop_nearly_everything() -> None:
-    """The worst case: every pair is dropped. The probe sends "auto" to the bounded scan (one
-    pass, no wasted top-k search), and the answer is the plain scan's."""
+def test_the_probe_picks_plain_bounded_or_top_k() -> None:
+    """The worst case, every pair dropped, goes to the plain scan (no wasted search); tight
+    clusters whose best candidates are all dropped to the bounded scan; few drops to top-k."""
     m, t, ids = _clustered(512, 8, clusters=2, seed=9, spread=0.3)
     pairs = Pairs.single(m, t, ids)
     everything = DropThresholds(-0.99, -0.99, -0.99, -0.99)
-    assert negative_search.probe_says_bounded(pairs, everything, negative_search.TOP_K)
+    assert negative_search.probe(pairs, everything, negative_search.TOP_K) == "plain"
     nothing = DropThresholds(0.999, 0.999, 0.999, 0.999)
-    assert not negative_search.probe_says_bounded(pairs, nothing, negative_search.TOP_K)
+    assert negative_search.probe(pairs, nothing, negative_search.TOP_K) == "topk"
+    m, t, ids = _clustered(512, 16, clusters=8, seed=9, spread=0.3)  # tight clusters: top-k all dropped
+    assert negative_search.probe(Pairs.single(m, t, ids), DropThresholds(0.8, 0.8, 0.8, 0.8), 2) == "bounded"
     choices = _choices(pairs, everything)
     assert choices == _choices(pairs, everything, strategy="plain")
     assert set(choices[0]) == {-1} and set(choices[1]) == {-1}
