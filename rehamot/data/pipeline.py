@@ -251,7 +251,7 @@ def _die_with_trainer(trainer_pid: int) -> None:
         except (OSError, AttributeError):
             pass
     parent = os.getppid()
-    if parent != trainer_pid and not _pid_alive(trainer_pid):
+    if parent != trainer_pid and not pid_alive(trainer_pid):
         os._exit(1)
     threading.Thread(target=_watch_trainer, args=(trainer_pid, parent), daemon=True,
                      name="rehamot-trainer-watch").start()
@@ -259,12 +259,13 @@ def _die_with_trainer(trainer_pid: int) -> None:
 
 def _watch_trainer(trainer_pid: int, parent: int) -> None:
     # re-parented (forked workers) or the trainer's pid gone (a fork server's workers)
-    while os.getppid() == parent and _pid_alive(trainer_pid):
+    while os.getppid() == parent and pid_alive(trainer_pid):
         time.sleep(PARENT_POLL_S)
     os._exit(1)  # no cleanup to run: the batches in flight have no reader any more
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id exists (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from rehamot.data.pipeline import pid_alive
+
 LOCK_FILE = "run.lock"
 TAKEOVER_FILE = LOCK_FILE + ".takeover"
 
@@ -40,16 +42,6 @@ TAKEOVER_FILE = LOCK_FILE + ".takeover"
 class RunDirLocked(RuntimeError):
     """The run directory cannot be taken (another run holds it, or its lock is unusable); the
     message names the lock file and what to do."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 def _describe(holder: dict) -> str:
@@ -169,7 +161,7 @@ class RunLock:
     def _takeover_reason(holder: dict, me: dict) -> str | None:
         if me["slurm_job_id"] and holder.get("slurm_job_id") == me["slurm_job_id"]:
             return "the same SLURM job, requeued"
-        if holder.get("host") == me["host"] and not _pid_alive(holder["pid"]):
+        if holder.get("host") == me["host"] and not pid_alive(holder["pid"]):
             return "that process is gone"
         return None
 
