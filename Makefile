@@ -37,11 +37,11 @@ shards-summary: $(DEMO_SHARDS)
 demo: shards-demo
 	$(PY) rehamot/train.py configs/demo.yaml data.shards=$(DEMO) $(ARGS)
 
-# The whole suite (unit, multi-process, end-to-end): ~10 min on 2 idle cores.
+# The whole suite (unit, multi-process, end-to-end): ~15 min on 2 idle cores.
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Unit tests only: ~1 min on 2 idle cores.
+# Unit tests only: ~1.5 min on 2 idle cores.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
