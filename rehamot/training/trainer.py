@@ -442,7 +442,9 @@ class Trainer:
         # Kept on the device: no host sync before the step's one all-reduce.
         finite = torch.isfinite(loss.detach()) & torch.isfinite(motion_emb).all() & torch.isfinite(text_emb).all()
         host_flags = torch.tensor([
-            1.0 if (self.run_dir / PREEMPT_MARKER).exists() else 0.0,
+            # one rank looks at the marker (one metadata call per step on a shared filesystem,
+            # not W); the all-reduce below tells every rank
+            1.0 if self.rank == 0 and (self.run_dir / PREEMPT_MARKER).exists() else 0.0,
             float(batch.get("bad_samples", 0)),
             1.0 if self.ctrl_c.requested else 0.0,
             *self.drawn_per_source(batch),
