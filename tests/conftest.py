@@ -72,3 +72,12 @@ def indexed_run(demo_shards, tmp_path_factory) -> Path:
     run_cli([sys.executable, "rehamot/search.py", "index", str(out)])
     return out
 
+
+def assert_refused(out, *fragments: str) -> None:
+    """Exit 2, no traceback, and stderr holds exactly one line: the refusal."""
+    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+    lines = out.stderr.strip().splitlines()
+    assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr[-3000:]
+    assert lines[0].startswith("rehamot: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

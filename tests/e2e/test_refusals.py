@@ -7,23 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN, run_cli
+from conftest import TINY_RUN, assert_refused, run_cli
 
 READ_ONLY = Path("/sys/rehamot-refusal-test")  # sysfs refuses new folders, even to root
 
 
 def train(overrides: list[str]):
     return run_cli([sys.executable, "rehamot/train.py", "configs/demo.yaml", *TINY_RUN, *overrides], check=False)
-
-
-def assert_refused(out, *fragments: str) -> None:
-    """Exit 2, no traceback, and stderr holds exactly one line: the refusal."""
-    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
-    lines = out.stderr.strip().splitlines()
-    assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr[-3000:]
-    assert lines[0].startswith("rehamot: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("override, fragment", [

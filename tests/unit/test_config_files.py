@@ -9,7 +9,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import assert_refused, run_cli
 
 from rehamot.config import MAX_CONFIG_BYTES, MAX_CONFIG_VALUES, ConfigError, load_config
 
@@ -47,16 +47,6 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 def train(config: Path, *overrides: str):
     return run_cli([sys.executable, "rehamot/train.py", str(config), *overrides], timeout=120, check=False)
-
-
-def assert_refused(out, *fragments: str) -> None:
-    """Exit 2, no traceback, and stderr holds exactly one line: the refusal."""
-    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
-    lines = out.stderr.strip().splitlines()
-    assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr[-3000:]
-    assert lines[0].startswith("rehamot: ")
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("name", list(bad_files(Path("m"))))

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+from data_fixtures import Pipe
 
 from rehamot.data import schema
 from rehamot.data.eval_set import EvalSet
@@ -113,21 +114,6 @@ def point_manifest_at(shards: Path, name: str) -> None:
     manifest = json.loads((shards / schema.MANIFEST_NAME).read_text())
     manifest["splits"]["train"]["shards"][0]["path"] = name
     (shards / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
-
-
-class Pipe(io.RawIOBase):
-    """A stream that cannot seek, like a URL's."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = io.BytesIO(data)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        chunk = self.data.read(min(len(buffer), 1000))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
 
 
 # -- fixtures --------------------------------------------------------------------------------------

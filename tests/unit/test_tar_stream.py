@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from data_fixtures import truncate_inside_sample, write_shard_set
+from data_fixtures import Pipe, truncate_inside_sample, write_shard_set
 
 from rehamot.data import schema
 from rehamot.data.reading import _MemberFilter
@@ -95,18 +95,6 @@ def test_a_repeated_member_raises_like_webdataset(tmp_path):
 def test_a_compressed_or_unseekable_stream_is_still_read(shard_set):
     raw = shard_set.shard_paths("train")[1].read_bytes()
     expected = list(open_samples(str(shard_set.shard_paths("train")[1])))
-
-    class Pipe(io.RawIOBase):  # a stream that cannot seek, like a URL's
-        def __init__(self, data: bytes) -> None:
-            self.data = io.BytesIO(data)
-
-        def readable(self) -> bool:
-            return True
-
-        def readinto(self, buffer) -> int:
-            chunk = self.data.read(min(len(buffer), 1000))
-            buffer[: len(chunk)] = chunk
-            return len(chunk)
 
     unseekable = list(tar_samples(io.BufferedReader(Pipe(raw)), expected[0]["__url__"]))
     assert unseekable == expected
