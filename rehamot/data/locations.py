@@ -54,20 +54,20 @@ class Transient(OSError):
     """A failure worth retrying (connection refused or reset, a 5xx, a read cut short)."""
 
 
-def open_location(location: str, start: int = 0) -> BinaryIO:
+def open_location(location: str, start: int = 0, retries: int = RETRIES) -> BinaryIO:
     """The bytes of `location` from byte `start`, as a read-only stream.
 
     FileNotFoundError when it does not exist; remote streams retry transient failures (see
-    the module's docstring) and raise OSError once the retries are spent."""
+    the module's docstring) `retries` times and then raise OSError."""
     kind = scheme(location)
     if kind == "":
         return _local(location, start)
     if kind == "file":
         return _local(_file_path(location), start)
     if kind in ("http", "https"):
-        return _Resuming(location, lambda at: _http_open(location, at), start)
+        return _Resuming(location, lambda at: _http_open(location, at), start, retries)
     if kind == "s3":
-        return _Resuming(location, lambda at: _s3_open(location, at), start)
+        return _Resuming(location, lambda at: _s3_open(location, at), start, retries)
     if kind == "pipe":
         if start:
             raise ValueError(f"{location}: a pipe: command is read from its start only")
@@ -75,8 +75,8 @@ def open_location(location: str, start: int = 0) -> BinaryIO:
     return _other_open(location, start)
 
 
-def read_bytes(location: str) -> bytes:
-    with open_location(location) as stream:
+def read_bytes(location: str, retries: int = RETRIES) -> bytes:
+    with open_location(location, retries=retries) as stream:
         return stream.read()
 
 
@@ -89,9 +89,9 @@ def exists(location: str) -> bool:
     if kind == "file":
         return os.path.isfile(_file_path(location))
     if kind in ("http", "https"):
-        return _retried(location, lambda: _http_head(location))
+        return _retried(location, lambda: _http_head(location), RETRIES)
     if kind == "s3":
-        return _retried(location, lambda: _s3_head(location))
+        return _retried(location, lambda: _s3_head(location), RETRIES)
     filesystem = _fsspec(location)
     if filesystem is None:  # a pipe: command, or a scheme only webdataset's gopen reads
         return True
@@ -123,17 +123,17 @@ def _local(path: str, start: int) -> BinaryIO:
 
 
 # -- retries -------------------------------------------------------------------------------------
-def _retried(location: str, attempt: Callable[[], Any]) -> Any:
-    """attempt(), again after a Transient failure, RETRIES times with doubling waits."""
-    for tries in range(RETRIES + 1):
+def _retried(location: str, attempt: Callable[[], Any], retries: int) -> Any:
+    """attempt(), again after a Transient failure, `retries` times with doubling waits."""
+    for tries in range(retries + 1):
         try:
             return attempt()
         except Transient as failure:
-            if tries == RETRIES:
-                raise OSError(f"{location}: still failing after {RETRIES} retries "
-                              f"({failure})") from failure
+            if tries == retries:
+                spent = f"still failing after {retries} retries: " if retries else ""
+                raise OSError(f"{location}: {spent}{failure}") from failure
             wait = BACKOFF_S * 2 ** tries
-            log.warning(f"{location}: {failure}; retry {tries + 1} of {RETRIES} in {wait:g} s")
+            log.warning(f"{location}: {failure}; retry {tries + 1} of {retries} in {wait:g} s")
             time.sleep(wait)
     raise AssertionError("unreachable")
 
@@ -141,9 +141,10 @@ def _retried(location: str, attempt: Callable[[], Any]) -> Any:
 class _Resuming(io.RawIOBase):
     """A remote file read from `start`: a failed read reopens at the byte reached (Range)."""
 
-    def __init__(self, location: str, opener: Callable[[int], tuple[Any, int | None]], start: int) -> None:
-        self.location, self.opener, self.position = location, opener, start
-        self.body, self.size = _retried(location, lambda: opener(start))
+    def __init__(self, location: str, opener: Callable[[int], tuple[Any, int | None]], start: int,
+                 retries: int) -> None:
+        self.location, self.opener, self.position, self.retries = location, opener, start, retries
+        self.body, self.size = _retried(location, lambda: opener(start), retries)
 
     def readable(self) -> bool:
         return True
@@ -171,7 +172,7 @@ class _Resuming(io.RawIOBase):
         """Up to `size` bytes, fewer only at the end (tar_stream reads exact sizes)."""
         parts, wanted = [], size
         while wanted > 0 and (self.size is None or self.position < self.size):
-            data = _retried(self.location, lambda: self._attempt(wanted))
+            data = _retried(self.location, lambda: self._attempt(wanted), self.retries)
             if not data:  # the end of a body of unknown length
                 break
             self.position += len(data)

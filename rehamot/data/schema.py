@@ -169,7 +169,9 @@ def load_manifest(shard_dir: str | Path, *, names_checked: bool = True) -> dict[
 def _load_remote_manifest(location: str, names_checked: bool) -> dict[str, Any]:
     url = locations.join(location, MANIFEST_NAME)
     try:
-        data = locations.read_bytes(url)
+        # the first contact with a location: a failure now is more likely a wrong host or port
+        # than a server restarting, so it is said at once (later reads retry)
+        data = locations.read_bytes(url, retries=0)
     except FileNotFoundError:
         raise FileNotFoundError(f"no {MANIFEST_NAME} at {url}: check the URL, or upload the whole "
                                 "shard folder (shards/make_shards.py builds one)") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -34,6 +35,16 @@ def test_bad_values_are_refused_before_anything_runs(override, fragment, tmp_pat
 def test_a_split_without_samples_is_refused_before_training(demo_shards, tmp_path):
     out = train([f"data.shards={demo_shards}", f"run.dir={tmp_path / 'run'}", "data.val_split=nosuch"])
     assert_refused(out, "data.val_split=nosuch: no samples", "splits there: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unreachable_shard_url_is_one_line_at_once(tmp_path):
+    """A mistyped host or port: the first contact is not retried (no minute of retry warnings)."""
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = train([f"data.shards=http://127.0.0.1:{port}/demo", f"run.dir={tmp_path / 'run'}"])
+    assert_refused(out, "cannot read the manifest", f"127.0.0.1:{port}/demo/manifest.json")
     assert not (tmp_path / "run").exists()
 
 
