@@ -14,9 +14,11 @@ def plot_training_curves(metrics_jsonl: Path, out: Path) -> None:
     train, val = [], []
     for line in Path(metrics_jsonl).read_text().splitlines():
         rec = json.loads(line)
-        if "warning" in rec:  # a warning record, not a step
-            continue
-        (val if any(k.startswith("val/") for k in rec) else train).append(rec)
+        # a record is a training step (it has a loss), a validation, or another kind (a warning)
+        if any(k.startswith("val/") for k in rec):
+            val.append(rec)
+        elif "loss" in rec:
+            train.append(rec)
     fig = Figure(figsize=(14, 3.8))
     axes = fig.subplots(1, 3)
     if train:
