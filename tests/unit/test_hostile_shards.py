@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-from data_fixtures import Pipe
+from conftest import Pipe
 
 from rehamot.data import schema
 from rehamot.data.eval_set import EvalSet

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from data_fixtures import Pipe, truncate_inside_sample, write_shard_set
+from conftest import Pipe
+from data_fixtures import truncate_inside_sample, write_shard_set
 
 from rehamot.data import schema
 from rehamot.data.reading import _MemberFilter
