@@ -8,8 +8,9 @@
     # GPU (a lent machine), one command:
     HF_HUB_OFFLINE=1 python benchmarks/train_step.py --device cuda --precision bf16 --shards data/demo
     # A/B of the motion hot path: a setting's 4th field holds extras, comma-separated: config
-    # overrides, or `plain-dropout` (the tower's layers as nn.TransformerEncoderLayer with
-    # F.dropout, i.e. before the fast dropout masks of commit 402d417):
+    # overrides, `plain-dropout` (the tower's layers as nn.TransformerEncoderLayer with
+    # F.dropout, i.e. before the fast dropout masks of commit 402d417), or `pageable` (on a GPU:
+    # the batches in pageable memory instead of pinned):
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py --settings frozen:1:1:plain-dropout \
         frozen:1:1 frozen:1:1:data.length_buckets=8
 
@@ -49,8 +50,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from common import DEMO_SHARDS, command_line, plain_input_dropout, plain_layers, require_shards, run_worker
+from common import DEMO_SHARDS, command_line, pinned_batches, plain_input_dropout, plain_layers, require_shards, run_worker
 
+NOT_CONFIG = ("plain-dropout", "pageable")  # extras that are no config override
 PHASES = ("data", "motion_fwd", "text_fwd", "loss", "backward", "optimizer", "other")
 CPU_SETTINGS = ("frozen:1:1", "tuned:1:1", "frozen:2:1", "tuned:2:1", "frozen:1:2", "tuned:1:2")
 GPU_SETTINGS = ("frozen:1:0", "tuned:1:0")
@@ -122,13 +124,15 @@ def worker(args: argparse.Namespace) -> None:
             f"data.shards={args.shards}", f"run.dir={run_dir}", f"train.batch_size={args.batch_size}",
             f"data.num_workers={args.workers}", f"model.finetune_lm={args.lm == 'tuned'}",
             "train.log_every=1000000", *args.override,
-            *[e for e in args.extra if e != "plain-dropout"],
+            *[e for e in args.extra if e not in NOT_CONFIG],
         ]
         cfg = load_config(None, overrides)
         trainer = Trainer(cfg, load_manifest(cfg.data.shards))
         if "plain-dropout" in args.extra:  # the motion tower before commit 402d417, same weights
             plain_layers(trainer.acc.unwrap_model(trainer.model).motion)
             patches.enter_context(plain_input_dropout())
+        if "pageable" in args.extra:  # the host copies as before pinned batches
+            patches.enter_context(pinned_batches(False))
         trainer.skipped_steps = 0
         clock = PhaseClock(cuda)
         instrument(trainer, clock)
@@ -279,7 +283,7 @@ def main() -> None:
                         help="accelerate mixed precision (GPU: bf16; CPU: no, bf16 is ~4x slower here)")
     parser.add_argument("--settings", nargs="+", default=None,
                         help="LM:PROCESSES:THREADS[:EXTRAS], LM frozen|tuned, THREADS 0 = leave the default, "
-                             "EXTRAS comma-separated config key=value or plain-dropout "
+                             "EXTRAS comma-separated config key=value, plain-dropout or pageable "
                              f"(default CPU {' '.join(CPU_SETTINGS)}; cuda {' '.join(GPU_SETTINGS)})")
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--workers", type=int, default=None, help="loader workers per process (default: cpu 0, cuda 4)")

@@ -32,6 +32,10 @@ def world_info() -> WorldInfo:
 # torch 2.13 deprecates all_gather_into_tensor (FutureWarning) for all_gather_single, which
 # older torch (>= 2.4 is supported) lacks: use whichever this torch has, newest first.
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+# The same for reduce_scatter_tensor -> reduce_scatter_single. NCCL reduce-scatters natively (half
+# the bytes of an all-reduce); gloo has it since torch 2.2 as an all-reduce inside (the bytes of
+# before, without our clone). So one path on every backend this project launches.
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 
 
 def _all_gather_rows(tensor: Tensor, world_size: int) -> Tensor:
@@ -64,22 +68,26 @@ class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums the incoming gradient over ranks and keeps our slice.
 
     Rank r's rows appear as columns in every rank's loss, so d(sum of all ranks' losses) /
-    d(our rows) is the all-reduced (SUM) gradient of the gathered tensor, restricted to our
-    slice. (Together with DDP's averaging this gives the single-process gradient.)
+    d(our rows) is the summed gradient of the gathered tensor over ranks, restricted to our
+    slice: a reduce-scatter (SUM), which sends each rank only its slice of the sum, where an
+    all-reduce followed by narrow sent every rank all W slices. (Together with DDP's averaging
+    this gives the single-process gradient.) Every rank holds the same number of rows
+    (gather_with_grad checks it), so the gathered gradient splits into W equal slices.
     """
 
     @staticmethod
     def forward(ctx, tensor: Tensor) -> Tensor:  # type: ignore[override]
         world = world_info()
-        ctx.rank, ctx.rows = world.rank, tensor.shape[0]
+        ctx.rows = tensor.shape[0]
         return _all_gather_rows(tensor, world.world_size)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> Tensor:  # type: ignore[override]
-        grad = grad_output.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad.narrow(0, ctx.rank * ctx.rows, ctx.rows)
+        grad = grad_output.contiguous()  # read, never written: no copy when already contiguous
+        out = grad.new_empty((ctx.rows, *grad.shape[1:]))
+        _reduce_scatter_single(out, grad, op=dist.ReduceOp.SUM)
+        return out
 
 
 def gather_with_grad(tensor: Tensor, *, check_sizes: bool = True) -> Tensor:
