@@ -36,6 +36,8 @@ POOLINGS = ("auto", "mean", "cls")
 ACTIVATIONS = ("gelu", "relu")
 SCHEDULES = ("constant", "step", "cosine")
 NONFINITE_ACTIONS = ("skip", "stop")
+# what a run does with train samples that duplicate a val/test sample (rehamot.data.leaks)
+LEAK_ACTIONS = ("auto", "drop", "report", "off")
 
 
 class ConfigError(ValueError):
@@ -143,6 +145,9 @@ class DataSection(Section):
                                             "fraction of the samples read", check=FRACTION)
     length_buckets: int = option(0, "n > 1: batches from pools of n sorted by length (changes the negatives)",
                                  check=NON_NEGATIVE)
+    leaks: str = option("auto", "train motions that duplicate a val/test motion of any source: drop them, report "
+                                "them (RUN_DIR/leaks.json), or off; auto: drop with several sources, off for one",
+                        choices=LEAK_ACTIONS)
 
     def check(self) -> None:
         if self.shards is not None and self.sources:

@@ -21,6 +21,7 @@ import rehamot
 from rehamot.data import schema
 from shards.convert import ConvertOptions, MotionResult, convert_in_worker, convert_motion, init_worker
 from shards.files import make_dir_like_mkdir
+from shards.leak_keys import KeyCollector
 from shards.plan import MotionTask, ShardingError, Skip, SourcePlan, split_order
 from shards.report import progress_bar
 from shards.writer import RunningMoments, SplitWriter, write_manifest
@@ -119,6 +120,7 @@ def write_shards(plan: SourcePlan, out: Path, options: BuildOptions,
     pending: dict[str, dict[str, Any]] = {s: {} for s in splits}  # sample id -> sample | None
     expected = {s: sorted(i for t in plan.tasks[s] for i in t.sample_ids()) for s in splits}
     cursor = {s: 0 for s in splits}
+    leak_keys, parents = KeyCollector(plan.feature_dim, plan.fps), {}  # keys in writing order
 
     def flush(split: str) -> None:
         """Write this split's samples that are next in id order and have arrived."""
@@ -128,6 +130,7 @@ def write_shards(plan: SourcePlan, out: Path, options: BuildOptions,
             cursor[split] += 1
             if sample is not None:
                 writer.write(sample)
+                leak_keys.add(split, sample, parents.get(sample.id))
                 if sample.moments is not None:
                     moments.add(*sample.moments)
 
@@ -137,6 +140,7 @@ def write_shards(plan: SourcePlan, out: Path, options: BuildOptions,
             produced = {s.id: s for s in result.samples}
             for sample_id in result.planned:
                 pending[result.split][sample_id] = produced.get(sample_id)
+                parents[sample_id] = result.task_id
             if produced:
                 written_ids.add((result.split, result.task_id))
             flush(result.split)
@@ -169,6 +173,7 @@ def write_shards(plan: SourcePlan, out: Path, options: BuildOptions,
         "accounting": accounting,
         "skipped": [s.as_json() for s in skipped],
         "hygiene": plan.hygiene,
+        "leak_keys": leak_keys.write(out),
         **({"representation": representation} if representation is not None else {}),
         **({"provenance": _provenance(provenance, written_ids)} if provenance is not None else {}),
         "created_by": f"rehamot {rehamot.__version__} shards/make_shards.py "

@@ -5,6 +5,8 @@ refused (by the caller), because then model selection happens on test.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 MAX_EXAMPLES = 5
@@ -68,3 +70,35 @@ def hygiene_lines(report: dict[str, Any]) -> list[str]:
     if report.get("val_equals_test"):
         lines.append("the val split is identical to the test split (--allow-val-equals-test)")
     return lines
+
+
+def print_leaks(locations: list[str], json_path: Path | None, console: Any) -> int:
+    """`make_shards.py hygiene DIR ...`: per pair of shard sets (a set with itself too), the train
+    motions that duplicate a val/test motion (rehamot.data.leaks); exit 0 whatever is found."""
+    from rehamot.data import leaks, schema  # noqa: PLC0415
+    from shards.plan import ShardingError  # noqa: PLC0415
+
+    names = [str(location).rstrip("/").rsplit("/", 1)[-1] or str(location) for location in locations]
+    if len(set(names)) < len(names):  # two folders of one name: tell them apart by their path
+        names = [str(location) for location in locations]
+    names = [name if names.count(name) == 1 else f"{name}#{names[:i].count(name) + 1}"  # one folder twice
+             for i, name in enumerate(names)]
+    try:
+        sets = [leaks.load_keys(str(location), schema.load_manifest(str(location)), name)
+                for name, location in zip(names, locations)]
+    except (ValueError, OSError) as err:  # ShardSetError, LeakKeysError, a missing manifest
+        raise ShardingError(str(err)) from None
+    report = leaks.find_leaks(sets)
+    for keys in sets:
+        without = report["sets"][keys.name]["without_content_keys"]
+        note = f", {without} without joints (provenance and ids only)" if without else ""
+        console.print(f"{keys.name}: {len(keys)} samples ({report['sets'][keys.name]['train']} train, "
+                      f"{report['sets'][keys.name]['eval']} val/test){note}", markup=False, highlight=False)
+    for line in leaks.report_lines(report):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    dropped = sum(len(ids) for ids in report["dropped"].values())
+    console.print(f"{dropped} train samples duplicate a val/test sample (a run with data.leaks=drop leaves "
+                  f"them out); checked in {report['seconds']:.1f} s", markup=False, highlight=False)
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return 0

@@ -28,12 +28,17 @@ order drawn from (seed, epoch), each source's shards keeping their own order, an
 interleaved stream is cut into slot ranges as above; the shuffle buffer mixes within a slot.
 The first pass of the first source is ordered as a lone shard set's, so one source of weight
 1 is exactly plan_epoch's plan.
+
+Dropped samples (drop_samples: train samples that duplicate a val/test sample, rehamot.data.leaks):
+a source's shard is then read as the segments between them, and its sample count is the kept
+count, so the steps per epoch, the equal steps of the ranks and exact resume hold as before;
+nothing dropped leaves every plan as it was.
 """
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -98,10 +103,35 @@ class SourceShards:
     shard_sizes: tuple[int, ...]
     offset: int
     weight: float
+    dropped: frozenset[tuple[int, int]] = frozenset()  # (its shard, position) never read
 
     @property
     def num_samples(self) -> int:
-        return sum(self.shard_sizes)
+        return sum(self.shard_sizes) - len(self.dropped)
+
+    def shard_pieces(self, shard: int) -> list[Segment]:
+        """One of its shards (numbered within the source) as the segments of its kept positions."""
+        pieces, first = [], 0
+        for position in sorted(p for s, p in self.dropped if s == shard):
+            if first < position:
+                pieces.append(Segment(self.offset + shard, first, position))
+            first = position + 1
+        if first < self.shard_sizes[shard]:
+            pieces.append(Segment(self.offset + shard, first, self.shard_sizes[shard]))
+        return pieces
+
+
+def drop_samples(sources: Sequence[SourceShards], shard_keys: Sequence[Sequence[str]],
+                 dropped: Mapping[str, Sequence[str]]) -> list[SourceShards]:
+    """The sources with the samples `dropped` names ({source name: sample keys}) left out;
+    shard_keys: each shard's sample keys in tar order, in the stream's shard numbering."""
+    out = []
+    for source in sources:
+        keys = set(dropped.get(source.name, ()))
+        gone = frozenset((shard, position) for shard in range(len(source.shard_sizes))
+                         for position, key in enumerate(shard_keys[source.offset + shard]) if key in keys)
+        out.append(replace(source, dropped=source.dropped | gone))
+    return out
 
 
 def mixture_samples(sources: Sequence[SourceShards]) -> int:
@@ -120,11 +150,11 @@ def source_pieces(source: SourceShards, *, seed: int, epoch: int, first_source: 
     pieces = []
     for copy in range(whole):
         key = epoch if first_source and copy == 0 else f"{epoch}/{source.name}/{copy}"
-        pieces += [Segment(source.offset + s, 0, sizes[s]) for s in shard_order(len(sizes), seed, key)]
+        pieces += [piece for s in shard_order(len(sizes), seed, key) for piece in source.shard_pieces(s)]
     part = round((source.weight - whole) * source.num_samples)
     if part:
-        order = [Segment(source.offset + s, 0, sizes[s])
-                 for s in shard_order(len(sizes), seed, f"{epoch}/{source.name}/part")]
+        order = [piece for s in shard_order(len(sizes), seed, f"{epoch}/{source.name}/part")
+                 for piece in source.shard_pieces(s)]
         start = random.Random(f"rehamot/part/{seed}/{epoch}/{source.name}").randrange(source.num_samples)
         pieces += _window(order, start, part)
     return pieces

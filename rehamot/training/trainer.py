@@ -33,6 +33,7 @@ from rehamot.training import checkpoint as ckpt
 from rehamot.training import text_cache as feature_cache
 from rehamot.training.cpu_threads import choose_threads
 from rehamot.training.health import TrainingHealth, check_bad_samples
+from rehamot.training.leak_check import LeakCheck
 from rehamot.training.lr_schedule import gated, lr_multiplier
 from rehamot.training.run_dir import (
     RunRefused,
@@ -155,9 +156,12 @@ class Trainer:
         # data: with the text cache the loader does not tokenise, each caption's LM features are looked up
         self.tokenizer = build_tokenizer(cfg)
         self.use_text_cache = feature_cache.cache_enabled(cfg.model.text_cache, cfg.model.finetune_lm)
+        self.leak_check = LeakCheck(cfg, self.run_dir)  # data.leaks: train samples that duplicate val/test ones
+        dropped = self.on_main(self.leak_check.run)
         try:  # too few shards or samples for this world size: the same answer on every rank
             self.stream = TrainStream(data_config(cfg, cfg.data.train_split),
-                                      None if self.use_text_cache else self.tokenizer, self.rank, self.world)
+                                      None if self.use_text_cache else self.tokenizer, self.rank, self.world,
+                                      dropped=dropped)
         except ValueError as err:
             self.refuse(str(err))
         self.steps_per_epoch = self.stream.steps_per_epoch
@@ -173,6 +177,7 @@ class Trainer:
                 **({key: manifest[key] for key in ("sources", "mean_std_source", "mean", "std")}
                    if "sources" in manifest else {}),  # a mixture's one normalisation
             })
+            self.leak_check.write()
         self.acc.wait_for_everyone()
 
         # model, optimizer, objective
