@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo shards-demo shards-summary test test-fast lint clean
+.PHONY: setup demo demo-mix shards-demo shards-summary test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,12 @@ shards-summary: $(DEMO_SHARDS)
 # Ctrl-C saves a checkpoint and prints the command that continues the run (resume=latest).
 demo: shards-demo
 	$(PY) rehamot/train.py configs/demo.yaml data.shards=$(DEMO) $(ARGS)
+
+# Several corpora in one model: two demo corpora (B as KIT-ML's 21 joints, 12.5 fps, Z up, mm)
+# sharded through the joints source, trained on A, on B and on A+B, then the runs x test sets
+# matrix. Writes data/demo-mix/ and runs/demo-mix/ anew each time. ARGS: training overrides.
+demo-mix: $(STAMP)
+	$(PY) shards/demo_mix.py $(ARGS)
 
 # The whole suite (unit, multi-process, end-to-end): ~15 min on 2 idle cores.
 test: $(STAMP)

@@ -626,12 +626,19 @@ def _unit_track(unit: Unit) -> np.ndarray:
     return track
 
 
-def sample_plan(rng: np.random.Generator) -> Plan:
-    """1-4 units whose total, with lead-in and tail pauses, lasts MIN_SECONDS..MAX_SECONDS."""
+def action_weights(scale: dict[str, float] | None = None) -> np.ndarray:
+    """Probabilities over ACTION_NAMES: each action's weight times `scale[name]` (default 1)."""
+    raw = np.array([a.weight * (scale or {}).get(a.name, 1.0) for a in ACTIONS.values()])
+    return raw / raw.sum()
+
+
+def sample_plan(rng: np.random.Generator, weights: np.ndarray | None = None) -> Plan:
+    """1-4 units whose total, with lead-in and tail pauses, lasts MIN_SECONDS..MAX_SECONDS.
+    `weights`: probabilities over ACTION_NAMES (default: the actions' own weights)."""
     count = int(rng.choice(_UNITS_PER_MOTION, p=_UNITS_WEIGHTS))
     units: list[Unit] = []
     for _ in range(count):
-        name = ACTION_NAMES[int(rng.choice(len(ACTION_NAMES), p=_WEIGHTS))]
+        name = ACTION_NAMES[int(rng.choice(len(ACTION_NAMES), p=_WEIGHTS if weights is None else weights))]
         params = ACTIONS[name].sample(rng)
         overlay = None
         if ACTIONS[name].locomotion and rng.random() < OVERLAY_PROBABILITY:

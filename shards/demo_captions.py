@@ -33,6 +33,8 @@ SUBJECTS = (  # (subject, possessive, pronoun used to start a later sentence)
     ("a stick figure", "its", "it"), ("a dancer", "their", "the dancer"),
     ("an athlete", "their", "the athlete"),
 )
+TERSE_SUBJECTS = (("a person", "their", "the person"), ("a human", "their", "the person"),
+                  ("someone", "their", "the person"))
 _ENDINGS = (  # how a caption may close, as annotators often add
     "", "", "", "", "", "", " and then stops", " and stops", " and comes to a stop",
     " and then stands still", " before standing still", " and then pauses", " and then rests",
@@ -301,13 +303,15 @@ def _finish(text: str, rng: np.random.Generator, ending: bool = True) -> str:
     return text + ("." if rng.random() < 0.8 else "")
 
 
-def motion_captions(plan: Plan, rng: np.random.Generator, count: int = 3) -> list[str]:
-    """`count` distinct captions describing the whole plan."""
+def motion_captions(plan: Plan, rng: np.random.Generator, count: int = 3, terse: bool = False) -> list[str]:
+    """`count` distinct captions describing the whole plan; `terse`: KIT-ML's plainer style
+    (a few neutral subjects, no closing phrase)."""
     captions: list[str] = []
     for _ in range(count * 10):
-        subject = _choice(rng, SUBJECTS)
+        subject = _choice(rng, TERSE_SUBJECTS if terse else SUBJECTS)
         units = [u for u in plan.units if u.action != "stand" or rng.random() < 0.5] or plan.units
-        text = _finish(_join([_unit_phrases(u, subject[1], rng) for u in units], subject, rng), rng)
+        text = _finish(_join([_unit_phrases(u, subject[1], rng) for u in units], subject, rng), rng,
+                       ending=not terse)
         if text not in captions:
             captions.append(text)
         if len(captions) == count:
@@ -315,9 +319,9 @@ def motion_captions(plan: Plan, rng: np.random.Generator, count: int = 3) -> lis
     return captions
 
 
-def unit_caption(unit: Unit, rng: np.random.Generator) -> str:
+def unit_caption(unit: Unit, rng: np.random.Generator, terse: bool = False) -> str:
     """Caption of one unit alone (for a sub-clip caption with start/end)."""
-    subject = _choice(rng, SUBJECTS)
+    subject = _choice(rng, TERSE_SUBJECTS if terse else SUBJECTS)
     return _finish(f"{subject[0]} {_unit_phrases(unit, subject[1], rng)[0]}", rng, ending=False)
 
 

@@ -22,7 +22,17 @@ from a generator seeded by (seed, motion index) alone, so the bytes written do n
 `workers`. The train sums behind Mean/Std are reduced in fixed-size chunks in index order
 for the same reason.
 
-Standalone: `python shards/demo_corpus.py --out DIR --motions N [--seed S] [--workers W]`.
+Two options make it look like another corpus. `style="kit"` draws a KIT-ML-like mix
+(locomotion several times likelier, see STYLES) captioned tersely (a few neutral subjects, no
+closing phrase). `joints=JointsFormat(skeleton, fps, up, unit)` also writes
+
+    joints/<id>.npy           float32 (T', J, 3): the motion's joints in that skeleton
+                              (smpl22 or kit21), rate, up axis and unit (demo_joints)
+    corpus.jsonl              one record per motion for `make_shards.py joints`: id, joints,
+                              skeleton, fps, up, unit, split, captions (sub-clips with start/end)
+
+Standalone: `python shards/demo_corpus.py --out DIR --motions N [--seed S] [--workers W]
+[--style humanml3d|kit] [--skeleton smpl22|kit21 [--fps F] [--up y|z] [--unit m|cm|mm]]`.
 """
 from __future__ import annotations
 
@@ -41,9 +51,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from shards.demo_actions import ACTION_NAMES, FPS, MIN_SECONDS, Plan, sample_plan, synthesize
+from shards.demo_actions import ACTION_NAMES, FPS, MIN_SECONDS, Plan, action_weights, sample_plan, synthesize
 from shards.demo_captions import caption_line, mirror_caption, motion_captions, subclip_span, unit_caption
 from shards.demo_features import FEATURE_DIM, FEATURE_GROUPS, joints_to_features
+from shards.demo_joints import SKELETON_CHOICES, JointsFormat, export_joints
 from shards.demo_skeleton import forward_kinematics, mirror_joints
 
 SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -52,6 +63,15 @@ SUBCLIP_FRACTION = 0.05  # of motions with 2+ actions: one extra caption with st
 CHUNK = 64  # motions per task; fixed so that the Mean/Std reduction order is too
 BATCH = 16  # motions computed together (numpy is slow on many small arrays)
 _MOTION_STREAM, _LAYOUT_STREAM = 0, 1
+JSONL_NAME = "corpus.jsonl"
+# Corpus styles: (action weight multipliers, terse captions). "kit" leans on locomotion and
+# plain captions, as KIT-ML does next to HumanML3D.
+STYLES: dict[str, tuple[dict[str, float], bool]] = {
+    "humanml3d": ({}, False),
+    "kit": ({"walk_forward": 3.0, "walk_backward": 2.0, "run_forward": 2.0, "side_step": 2.0,
+             "turn": 2.0, "walk_circle": 2.0, "sit": 0.3, "jumping_jacks": 0.3, "bow": 0.3,
+             "look_around": 0.3, "hop_one_leg": 0.5, "arm_circles": 0.5}, True),
+}
 
 
 def _motion_rng(seed: int, index: int) -> np.random.Generator:
@@ -95,15 +115,16 @@ def _in_batches(
     return out
 
 
-def _caption_lines(plan: Plan, rng: np.random.Generator, subclip_fraction: float) -> list[tuple[str, float, float]]:
-    lines = [(text, 0.0, 0.0) for text in motion_captions(plan, rng)]
+def _caption_lines(plan: Plan, rng: np.random.Generator, subclip_fraction: float,
+                   terse: bool = False) -> list[tuple[str, float, float]]:
+    lines = [(text, 0.0, 0.0) for text in motion_captions(plan, rng, terse=terse)]
     long_units = [
         i for i, (first, last) in enumerate(plan.segments) if last - first >= MIN_SECONDS * FPS
     ]
     if len(plan.units) >= 2 and long_units and rng.random() < subclip_fraction:
         index = long_units[int(rng.integers(len(long_units)))]
         start, end = subclip_span(plan, index)
-        lines.append((unit_caption(plan.units[index], rng), start, end))
+        lines.append((unit_caption(plan.units[index], rng, terse=terse), start, end))
     return lines
 
 
@@ -123,18 +144,20 @@ def _has_side(plan: Plan) -> bool:
 def _generate_chunk(task: dict[str, Any]) -> dict[str, Any]:
     """Generate and write one chunk of motions (and their mirrors); runs in a worker."""
     root = Path(task["root"])
+    scale, terse = STYLES[task["style"]]
+    weights = action_weights(scale) if scale else None
     names: list[tuple[str, str, list[str]]] = []  # (id, split, actions)
     versions: list[list[tuple[str, float, float]]] = []
     tracks: list[np.ndarray] = []
     for index, split, mirrored in task["motions"]:
         rng = _motion_rng(task["seed"], index)
-        plan = sample_plan(rng)
+        plan = sample_plan(rng, weights)
         while mirrored and not _has_side(plan):
             # Mirror only motions with a left/right action: a symmetric motion's mirror is a
             # near copy whose captions would all repeat its parent's.
-            plan = sample_plan(rng)
+            plan = sample_plan(rng, weights)
         tracks.append(synthesize(plan))
-        lines = _caption_lines(plan, rng, task["subclip_fraction"])
+        lines = _caption_lines(plan, rng, task["subclip_fraction"], terse)
         actions = sorted({u.action for u in plan.units} | {u.overlay[0] for u in plan.units if u.overlay})
         names.append((motion_id(index), split, actions))
         versions.append(lines)
@@ -149,6 +172,10 @@ def _generate_chunk(task: dict[str, Any]) -> dict[str, Any]:
             all_joints.append(mirror_joints(motion_joints))
             records_in.append(("M" + ident, split, actions, [(mirror_caption(c), s, e) for c, s, e in lines]))
     results = _in_batches(all_joints, joints_to_features, edge=True, trim=1)
+    if task["joints"] is not None:  # all T frames (the features have T-1): the source's input
+        for (ident, *_), motion_joints in zip(records_in, all_joints):
+            np.save(root / "joints" / f"{ident}.npy", export_joints(motion_joints, task["joints"]),
+                    allow_pickle=False)
 
     records: list[dict[str, Any]] = []
     total, total_sq, frames = np.zeros(FEATURE_DIM), np.zeros(FEATURE_DIM), 0
@@ -163,6 +190,7 @@ def _generate_chunk(task: dict[str, Any]) -> dict[str, Any]:
             "id": ident, "split": split, "frames": len(feats), "actions": actions,
             "captions": [c for c, s, e in lines if s == e == 0.0],
             "subclips": sum(1 for _, s, e in lines if (s, e) != (0.0, 0.0)),
+            "lines": lines,
         })
     return {"records": records, "sum": total, "sum_sq": total_sq, "frames": frames}
 
@@ -221,21 +249,25 @@ def _duplicate_rates(records: list[dict[str, Any]]) -> dict[str, float]:
 def write_demo_source(
     root: Path, num_motions: int, seed: int = 0, workers: int = 1, *,
     mirror_fraction: float = MIRROR_FRACTION, subclip_fraction: float = SUBCLIP_FRACTION,
+    style: str = "humanml3d", joints: JointsFormat | None = None,
 ) -> dict[str, Any]:
-    """Write the demo corpus in the HumanML3D layout under `root`; return its statistics."""
+    """Write the demo corpus in the HumanML3D layout under `root` (and, given `joints`, its
+    joints in that format with a JSONL for the joints source); return its statistics."""
     started = time.perf_counter()
     root = Path(root)
     if num_motions < 10:
         raise ValueError(f"num_motions must be at least 10 (80/10/10 split), got {num_motions}")
+    if style not in STYLES:
+        raise ValueError(f"style {style!r}: expected one of {', '.join(STYLES)}")
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty: the demo corpus is written into a new folder")
-    for sub in ("new_joint_vecs", "new_joints", "texts"):
+    for sub in ("new_joint_vecs", "new_joints", "texts") + (("joints",) if joints else ()):
         (root / sub).mkdir(parents=True, exist_ok=True)
 
     layout = _layout(num_motions, seed, mirror_fraction)
     tasks = [
         {"root": str(root), "seed": seed, "subclip_fraction": subclip_fraction,
-         "motions": layout[i : i + CHUNK]}
+         "style": style, "joints": joints, "motions": layout[i : i + CHUNK]}
         for i in range(0, len(layout), CHUNK)
     ]
     if workers > 1:
@@ -259,10 +291,15 @@ def write_demo_source(
     for name, ids in splits.items():
         (root / f"{name}.txt").write_text("".join(f"{i}\n" for i in sorted(ids)), encoding="utf-8")
 
+    if joints is not None:
+        _write_jsonl(root / JSONL_NAME, records, joints)
+
     action_counts = Counter(a for r in records for a in r["actions"])
     return {
         "root": str(root),
         "seed": seed,
+        "style": style,
+        **({"joints": joints.record()} if joints else {}),
         "fps": FPS,
         "feature_dim": FEATURE_DIM,
         "motions": len(records),
@@ -277,14 +314,40 @@ def write_demo_source(
     }
 
 
+def _write_jsonl(path: Path, records: list[dict[str, Any]], fmt: JointsFormat) -> None:
+    """One joints-source record per motion, in id order (sub-clip captions with start/end)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for record in sorted(records, key=lambda r: r["id"]):
+            captions = [c if (s, e) == (0.0, 0.0) else {"text": c, "start": s, "end": e}
+                        for c, s, e in record["lines"]]
+            f.write(json.dumps({"id": record["id"], "joints": f"joints/{record['id']}.npy",
+                                **fmt.record(), "split": record["split"], "captions": captions}) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="new folder to write the corpus into")
     parser.add_argument("--motions", type=int, default=2000, help="motion count, mirrors included")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--style", choices=tuple(STYLES), default="humanml3d",
+                        help="action mix and caption style (kit: more locomotion, terse captions)")
+    joints = parser.add_argument_group("joints", f"also write joints/ and {JSONL_NAME} for "
+                                       "`make_shards.py joints` (given --skeleton)")
+    joints.add_argument("--skeleton", choices=SKELETON_CHOICES, default=None)
+    joints.add_argument("--fps", type=float, default=None, help="frame rate (default 20)")
+    joints.add_argument("--up", choices=("y", "z"), default=None, help="up axis (default y)")
+    joints.add_argument("--unit", choices=("m", "cm", "mm"), default=None, help="default m")
     args = parser.parse_args(argv)
-    stats = write_demo_source(args.out, args.motions, seed=args.seed, workers=args.workers)
+    given = {k: v for k, v in (("fps", args.fps), ("up", args.up), ("unit", args.unit)) if v is not None}
+    if given and args.skeleton is None:
+        parser.error(f"--{next(iter(given))} describes the joints: give --skeleton too")
+    try:
+        fmt = JointsFormat(args.skeleton, **given) if args.skeleton else None
+    except ValueError as err:
+        parser.error(str(err))
+    stats = write_demo_source(args.out, args.motions, seed=args.seed, workers=args.workers,
+                              style=args.style, joints=fmt)
     print(json.dumps(stats, indent=2))
     return 0
 

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 
 from rehamot.motion.kinematics import features_to_joints
-from shards.demo_actions import ACTIONS, Plan, Unit
+from rehamot.motion.skeletons import to_humanml3d_joints
+from shards.demo_actions import ACTIONS, Plan, Unit, synthesize
 from shards.demo_captions import mirror_caption
 from shards.demo_corpus import build_motion, write_demo_source
 from shards.demo_features import FEATURE_GROUPS, joints_to_features
-from shards.demo_skeleton import CHANNELS, ROOT_CHANNELS, mirror_joints
+from shards.demo_joints import JointsFormat, export_joints
+from shards.demo_skeleton import CHANNELS, ROOT_CHANNELS, forward_kinematics, mirror_joints
 
 REPO = Path(__file__).resolve().parents[2]
 MOTIONS = 300
@@ -294,3 +296,116 @@ def test_command_line(tmp_path):
     stats = json.loads(done.stdout)
     assert stats["motions"] == 20 and stats["splits"] == {"train": 16, "val": 2, "test": 2}
     assert len(list((out / "new_joint_vecs").glob("*.npy"))) == 20
+
+
+# --- the corpus as joint positions of another skeleton, rate, axis and unit -------------------
+
+
+def _smpl_motion() -> np.ndarray:
+    """(T, 22, 3) joints of a demo motion with a long root path (a walk, a run, a circle)."""
+    common = {"amp": 1.0, "tempo": 1.0}
+    plan = Plan([Unit("run_forward", {"speed": "fast", "duration": 2.5, **common}),
+                 Unit("walk_circle", {"side": "left", "duration": 6.0, **common})], 0.2, 0.2)
+    return forward_kinematics(synthesize(plan))
+
+
+def test_kit21_joints_turn_back_into_the_smpl_motion():
+    joints = _smpl_motion()
+    kit = export_joints(joints, JointsFormat("kit21", 12.5, "z", "mm"))
+    frames = int(np.floor((len(joints) - 1) / 1.6)) + 1  # 12.5 fps over the same span
+    assert kit.shape == (frames, 21, 3) and kit.dtype == np.float32
+    # Z up, millimetres: the pelvis stands ~0.9 m high on z; frame k is 20 fps frame 1.6 k
+    assert 800 < kit[0, 0, 2] < 1000 and np.allclose(kit[0, 0, [0, 1]], 0.0, atol=1.0)
+    assert np.allclose(kit[5, 0], 1000 * np.array([-1, 1, 1]) * joints[8, 0, [0, 2, 1]], atol=0.01)
+    # mid-foot joints halfway between ankle and foot
+    assert np.allclose(kit[:, 14], (kit[:, 13] + kit[:, 15]) / 2, atol=1e-3)
+
+    back = to_humanml3d_joints(kit, "kit21", 12.5, up="z", unit="mm")
+    assert back.shape[1:] == (22, 3) and len(back) <= len(joints)
+    error = back[:, 0] - joints[: len(back), 0]
+    travelled = np.linalg.norm(joints[-1, 0, [0, 2]] - joints[0, 0, [0, 2]])
+    # measured: the floor path within 1.7 cm over 11 m, the height within 3.6 cm (a run's
+    # bounce sampled at 12.5 fps and interpolated back), 6 mm on average
+    assert travelled > 10.0
+    assert np.linalg.norm(error[:, [0, 2]], axis=-1).max() < 0.025
+    assert np.abs(error[:, 1]).max() < 0.05 and np.linalg.norm(error, axis=-1).mean() < 0.01
+    # at 20 fps, Y up, metres: the mapped joints come back exactly, the midpoints standing
+    # for spine2 and the collars within a few centimetres
+    same_rate = to_humanml3d_joints(export_joints(joints, JointsFormat("kit21")), "kit21", 20.0)
+    distance = np.linalg.norm(same_rate - joints, axis=-1).max(axis=0)
+    midpoints = [6, 13, 14]
+    assert np.delete(distance, midpoints).max() < 1e-5 and distance[midpoints].max() < 0.05, distance
+
+
+def test_smpl22_joints_at_20_fps_are_the_motion_itself():
+    joints = _smpl_motion()
+    out = export_joints(joints, JointsFormat())
+    assert out.shape == joints.shape and np.allclose(out, joints, atol=1e-6)
+    assert np.allclose(to_humanml3d_joints(out, "smpl22", 20.0), joints, atol=1e-6)
+    # 40 fps (the way in keeps every 2nd frame: the originals), Z up, centimetres
+    moved = export_joints(joints, JointsFormat("smpl22", 40.0, "z", "cm"))
+    assert len(moved) == 2 * len(joints) - 1 and moved[..., 2].mean() > 50  # heights in cm on z
+    assert np.abs(to_humanml3d_joints(moved, "smpl22", 40.0, up="z", unit="cm") - joints).max() < 1e-5
+
+
+def test_joints_format_refuses_what_the_joints_source_would_skip():
+    for bad in ({"skeleton": "smplx"}, {"fps": 0.5}, {"up": "x"}, {"unit": "in"}):
+        with pytest.raises(ValueError):
+            JointsFormat(**bad)
+
+
+@pytest.fixture(scope="module")
+def kit_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("kit") / "source"
+    fmt = JointsFormat("kit21", 12.5, "z", "mm")
+    return root, write_demo_source(root, 120, seed=1, style="kit", joints=fmt)
+
+
+def test_the_corpus_writes_joints_and_a_jsonl_for_the_joints_source(kit_corpus):
+    root, stats = kit_corpus
+    records = [json.loads(line) for line in (root / "corpus.jsonl").read_text().splitlines()]
+    assert stats["joints"] == {"skeleton": "kit21", "fps": 12.5, "up": "z", "unit": "mm"}
+    assert len(records) == stats["motions"] == 120
+    assert Counter(r["split"] for r in records) == stats["splits"]
+    for record in records:
+        assert {k: record[k] for k in ("skeleton", "fps", "up", "unit")} == stats["joints"]
+        joints = np.load(root / record["joints"])
+        # the whole motion: one frame more than its features, at 12.5 fps
+        features = np.load(root / "new_joint_vecs" / f"{record['id']}.npy")
+        assert joints.shape == (int(np.floor(len(features) / 1.6)) + 1, 21, 3)
+        lines = _lines(root, record["id"])
+        expected = [c if (s, e) == ("0.0", "0.0") else {"text": c, "start": float(s), "end": float(e)}
+                    for c, _, s, e in lines]
+        assert record["captions"] == expected
+    assert any(isinstance(c, dict) for r in records for c in r["captions"]) or stats["subclip_captions"] == 0
+
+
+def test_the_kit_style_has_more_locomotion_and_terser_captions(corpus, kit_corpus):
+    (_, plain), (root, kit) = corpus, kit_corpus
+    walking = ("walk_forward", "walk_backward", "run_forward", "side_step", "turn", "walk_circle")
+
+    def share(stats):
+        return sum(stats["actions"][a] for a in walking) / sum(stats["actions"].values())
+
+    assert share(kit) > share(plain) + 0.15, (share(kit), share(plain))
+    texts = [line[0].lower() for p in sorted((root / "texts").glob("*.txt"))
+             for line in _lines(root, p.stem)]
+    assert all(t.startswith(("a person", "a human", "someone", "after ", "first, ")) for t in texts), texts[:5]
+    closings = ("and comes to a stop", "and then rests", "and returns to standing", "and then pauses")
+    assert not any(t.rstrip(".").endswith(closings) for t in texts)
+
+
+def test_command_line_joints_options(tmp_path):
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, str(REPO / "shards" / "demo_corpus.py"), "--motions", "20", *args],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    done = cli("--out", str(tmp_path / "b"), "--style", "kit", "--skeleton", "kit21", "--fps", "12.5",
+               "--up", "z", "--unit", "mm")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["joints"] == {"skeleton": "kit21", "fps": 12.5, "up": "z", "unit": "mm"}
+    assert len((tmp_path / "b" / "corpus.jsonl").read_text().splitlines()) == 20
+    refused = cli("--out", str(tmp_path / "c"), "--fps", "12.5")
+    assert refused.returncode == 2 and "--skeleton" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "c").exists()
