@@ -5,6 +5,7 @@
   that hands back a JSON result (vs_original.py, startup.py, train_step.py);
 - the "plain" motion tower: the tower before the fast dropout masks and `EncoderLayer` of
   commit 402d417, for A/B runs (train_step.py, motion_hot_path.py);
+- pinned or pageable training batches, for A/B runs on a GPU (train_step.py, pinned_batches.py);
 - a synthetic shard set and the packaged MiniLM tokenizer (streaming.py).
 
 The top level imports only the standard library: vs_original.py and startup.py run their
@@ -225,6 +226,20 @@ def plain_input_dropout() -> Iterator[None]:
         yield
     finally:
         motion_encoder.fast_dropout = fast
+
+
+@contextlib.contextmanager
+def pinned_batches(on: bool) -> Iterator[None]:
+    """The training stream's batches pinned (`on`) or pageable whatever the machine has, for A/B
+    runs on a GPU (train_step.py's `pageable`, pinned_batches.py)."""
+    from rehamot.data import pipeline
+
+    decide = pipeline.pin_batches
+    pipeline.pin_batches = lambda: on
+    try:
+        yield
+    finally:
+        pipeline.pin_batches = decide
 
 
 # -- a synthetic shard set ---------------------------------------------------------------------------

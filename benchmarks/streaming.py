@@ -13,8 +13,11 @@ text cache).
 
 `--baseline REV` measures a git revision of this repository side by side, in alternating
 rounds: its tree is extracted to a temporary folder (git archive) and put first on PYTHONPATH,
-so `import rehamot` is that revision's. Without --shards a synthetic HumanML3D-shaped shard set
-is written (263 features, 40-200 frames, 1-4 captions; common.write_synthetic_shards).
+so `import rehamot` is that revision's. Without --shards each arm reads a synthetic
+HumanML3D-shaped shard set (263 features, 40-200 frames, 1-4 captions) written by its own
+revision's writer (its benchmarks/common.py write_synthetic_shards, same seed: the same samples
+in each revision's shard format); --shards is read by every arm, so it suits only revisions of
+one shard format.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, command_line, minilm_tokenizer, require_shards, run_worker, worker_env, write_synthetic_shards
+from common import REPO, command_line, minilm_tokenizer, require_shards, run_worker, worker_env
 
 
 def measure(shards: str, workers: int, batch_size: int, epochs: int, tokenizer: str | None) -> dict[str, Any]:
@@ -67,6 +70,22 @@ def measure(shards: str, workers: int, batch_size: int, epochs: int, tokenizer: 
             "per_worker_cpu_s": per_cpu, "first_s": statistics.median(firsts), "resume_s": resume}
 
 
+WRITE_SHARDS = """import sys
+sys.path.insert(0, sys.argv[1] + "/benchmarks")
+from pathlib import Path
+from common import write_synthetic_shards
+write_synthetic_shards(Path(sys.argv[2]), {"train": [int(n) for n in sys.argv[3:]]}, feature_dim=263, frames=(40, 200))
+"""
+
+
+def write_arm_shards(root: str, out: Path, sizes: list[int]) -> str:
+    """The synthetic shard set written by the revision at `root` (its own writer and format)."""
+    out.mkdir()
+    subprocess.run([sys.executable, "-c", WRITE_SHARDS, root, str(out), *map(str, sizes)],
+                   env={**worker_env(1), "PYTHONPATH": root}, cwd=root, check=True)
+    return str(out)
+
+
 def extract(revision: str, into: Path) -> Path:
     """The tree of `revision` of this repository, as files under `into`."""
     archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], capture_output=True, check=True)
@@ -100,27 +119,28 @@ def main() -> None:
 
     print(command_line())
     with tempfile.TemporaryDirectory() as tmp:
-        shards = args.shards
-        if shards is None:
-            per = args.motions // args.shard_count
-            sizes = [per + (i < args.motions % args.shard_count) for i in range(args.shard_count)]
-            Path(tmp, "shards").mkdir()
-            write_synthetic_shards(Path(tmp) / "shards", {"train": sizes}, feature_dim=263, frames=(40, 200))
-            shards = str(Path(tmp) / "shards")
-            print(f"synthetic shards: {args.motions} motions in {args.shard_count} shards")
-        require_shards(shards)
         arms = {"ours": str(REPO)}
         if args.baseline:
             baseline = Path(tmp, "baseline")
             baseline.mkdir()
             arms = {f"baseline {args.baseline}": str(extract(args.baseline, baseline)), **arms}
+        if args.shards is None:
+            per = args.motions // args.shard_count
+            sizes = [per + (i < args.motions % args.shard_count) for i in range(args.shard_count)]
+            arm_shards = {arm: write_arm_shards(root, Path(tmp, f"shards-{n}"), sizes)
+                          for n, (arm, root) in enumerate(arms.items())}
+            shards = "synthetic (each arm's own writer)"
+            print(f"synthetic shards: {args.motions} motions in {args.shard_count} shards")
+        else:
+            require_shards(args.shards)
+            shards, arm_shards = args.shards, dict.fromkeys(arms, args.shards)
         runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
         load = [os.getloadavg()[0]]
         for _ in range(args.rounds):
             for workers in args.workers:
                 for arm, root in arms.items():
                     env = {**worker_env(1), "PYTHONPATH": root}
-                    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", "--shards", shards,
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", "--shards", arm_shards[arm],
                            "--workers", str(workers), "--batch-size", str(args.batch_size),
                            "--epochs", str(args.epochs), "--text", args.text, "--tokenizer", args.tokenizer]
                     result, _ = run_worker(cmd, env, f"{arm}, {workers} workers")

@@ -6,8 +6,10 @@
                                           [--root DIR]
     python shards/make_shards.py joints --file corpus.jsonl --out data/mine [--root DIR]
     python shards/make_shards.py demo --motions 2000 --out data/demo
+    python shards/make_shards.py index DIR [--out DIR] --fps 20 --layout humanml3d
     python shards/make_shards.py verify data/demo
     python shards/make_shards.py summary data/demo
+    python shards/make_shards.py hygiene data/humanml3d data/kitml-h3d [--json FILE]
 
 Output: DIR/<split>-%06d.tar (one sample per motion, sorted by id; a caption with start/end
 becomes its own sample `<id>_<caption line>`, cut from its parent motion) and
@@ -142,10 +144,30 @@ def build_parser() -> argparse.ArgumentParser:
     _frame_options(sub, 40)
     _build_options(sub)
 
+    sub = commands.add_parser("index", help="map WebDataset shards made elsewhere (<key>.npy with "
+                                             "<key>.json or <key>.txt captions), or upgrade an older "
+                                             "rehamot shard set in place")
+    sub.add_argument("dir", type=Path, help="the local folder of .tar shards")
+    sub.add_argument("--out", type=Path, default=None,
+                     help="where the indexes and manifest.json go (default: DIR; a folder to upload "
+                          "beside shards in a bucket)")
+    sub.add_argument("--split", choices=schema.SPLITS, default=None,
+                     help="every shard's split (default: from its name, train-*, val-*, test-*)")
+    sub.add_argument("--fps", type=float, default=None, help="the motions' frame rate")
+    sub.add_argument("--layout", choices=tuple(LAYOUT_DEFAULTS), default=None,
+                     help="the motions' features: HumanML3D's 263 or KIT-ML's 251")
+    sub.add_argument("--feature-dim", type=int, default=None, help="the motions' feature count "
+                                                                   "(instead of --layout)")
+    sub.add_argument("--corpus", default=None, help="corpus name (default: the folder's name)")
+
     for name, text in (("verify", "re-read every shard and check it against the manifest"),
                        ("summary", "print the tables of a shard folder")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("dir", help="shard folder or URL prefix")
+    sub = commands.add_parser("hygiene", help="train motions that duplicate a val/test motion, within each "
+                                              "shard set and across them (from the stored leak keys)")
+    sub.add_argument("dirs", nargs="+", help="shard folders or URL prefixes")
+    sub.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     return parser
 
 
@@ -300,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     errors = Console(stderr=True)
     try:
+        if args.command == "hygiene":
+            from shards.hygiene import print_leaks  # noqa: PLC0415
+
+            return print_leaks(args.dirs, args.json, console)
         if args.command in ("verify", "summary"):
             # a clear error if DIR holds no shard set; verify reports bad names one by one
             schema.load_manifest(args.dir, names_checked=args.command != "verify")
@@ -320,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "summary":
             print_summary(schema.load_manifest(args.dir), args.dir, console)
+            return 0
+        if args.command == "index":
+            from shards.index_shards import index_folder  # noqa: PLC0415
+
+            dim = args.feature_dim or (LAYOUT_DEFAULTS[args.layout][0] if args.layout else None)
+            index_folder(args.dir, args.out, split=args.split, fps=args.fps, feature_dim=dim,
+                         corpus=args.corpus, console=lambda line: console.print(line, markup=False))
             return 0
         return _build(args, console)
     except ShardingError as err:

@@ -2,9 +2,10 @@
 
 Every malformed sample is a problem naming the shard and the key, never an exception: motion
 headers are checked against the member's size before anything is allocated, object dtypes
-(pickles) are refused, and JSON that is not an object is reported. Each shard's index must be
-the one the manifest hashed, and each sample's members must match its digests there (what
-training checks as it reads): an altered shard is reported sample by sample.
+(pickles) are refused, and JSON that is not an object is reported. Each shard's whole sha256
+must be the manifest's, its index the one the manifest hashed, and each sample is read through
+the index as training reads it (no tar header is parsed): its members must match the digests
+there, so an altered shard is reported sample by sample.
 """
 from __future__ import annotations
 
@@ -15,11 +16,8 @@ from typing import Any
 import numpy as np
 
 from rehamot.data import locations, schema
-from rehamot.data.reading import load_index
-from rehamot.data.tar_stream import TarStreamError, tar_entries
+from rehamot.data.reading import load_index, read_samples
 from shards.plan import inside_root, is_valid_key
-
-EXPECTED_MEMBERS = {schema.MOTION_MEMBER, schema.META_MEMBER}
 
 
 def verify_shards(shard_dir: str | Path) -> list[str]:
@@ -79,39 +77,39 @@ def _verify_shard(location: str, path: str, shard: dict[str, Any], split: str,
     if digest != shard["sha256"]:
         problems.append(f"{name}: sha256 {digest[:12]}... differs from the manifest's "
                         f"{shard['sha256'][:12]}... (altered or truncated)")
-    index = None
     if _shard_location(location, schema.index_name(name)) is None:
-        problems.append(f"{schema.index_name(name)}: not a file inside the shard folder; not read")
-    else:
-        try:
-            index = load_index(location, shard)
-        except schema.ShardSetError as err:
-            problems.append(str(err))
+        return problems + [f"{schema.index_name(name)}: not a file inside the shard folder; not read"]
     try:
-        samples = _read_samples(path)
-    except (TarStreamError, OSError) as err:
-        return problems + [f"{name}: unreadable tar ({type(err).__name__}: {err})"]
+        index = load_index(location, shard)
+    except schema.ShardSetError as err:
+        return problems + [str(err)]
+    ours = index.members == schema.DIGESTED_MEMBERS  # else a plain WebDataset set (`index`)
     captions = 0
     previous = ""
-    for position, (key, members) in enumerate(samples):
-        where = f"{name}/{key}"
-        if not is_valid_key(key):
-            problems.append(f"{where}: key is not a valid shard key (dots or other characters)")
-        if set(members) != EXPECTED_MEMBERS:
-            problems.append(f"{where}: members {sorted(members)}, expected "
-                            f"{sorted(EXPECTED_MEMBERS)}")
-            continue
-        if key <= previous:
-            problems.append(f"{where}: keys out of order or repeated")
-        previous = key
-        mismatch = None if index is None else index.mismatch({"__key__": key, **members}, position)
-        if mismatch is not None:
-            problems.append(f"{where}: digest_mismatch: {mismatch}")
-        sample_problems, sample_captions = _verify_sample(where, key, members, split, manifest)
-        problems += sample_problems
-        captions += sample_captions
-    if len(samples) != shard["samples"]:
-        problems.append(f"{name}: {len(samples)} samples, the manifest says {shard['samples']}")
+    try:
+        for raw in read_samples(path, index, max_member=schema.member_cap(int(manifest["feature_dim"]))):
+            key, position = raw["__key__"], raw["__position__"]
+            where = f"{name}/{key}"
+            if not is_valid_key(key):
+                problems.append(f"{where}: key is not a valid shard key (dots or other characters)")
+            if key <= previous:
+                problems.append(f"{where}: keys out of order or repeated")
+            previous = key
+            mismatch = index.mismatch(raw, position)
+            if mismatch is not None:  # reported, and what is wrong with its bytes too
+                problems.append(f"{where}: digest_mismatch: {mismatch}")
+            texts = index.captions[position]
+            if isinstance(texts, str):
+                problems.append(f"{where}: {texts}")
+                continue
+            captions += len(texts)
+            if ours and set(raw) - {"__key__", "__url__", "__position__"} != set(schema.DIGESTED_MEMBERS):
+                problems.append(f"{where}: members {sorted(m for m in index.members if m in raw)}, "
+                                f"expected {sorted(schema.DIGESTED_MEMBERS)}")
+                continue
+            problems += _verify_sample(where, key, raw, index.motion, split, manifest, ours, texts)
+    except (ValueError, OSError) as err:  # cut short, its map out of range, unreachable
+        return problems + [f"{name}: unreadable ({type(err).__name__}: {err})"]
     if captions != shard["captions"]:
         problems.append(f"{name}: {captions} captions, the manifest says {shard['captions']}")
     return problems
@@ -122,47 +120,33 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
-def _read_samples(path: str) -> list[tuple[str, dict[str, bytes]]]:
-    """Members grouped by key (the part of the name before the first dot), in tar order; the
-    shard reader's checks apply (no member larger than the file, no negative size)."""
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    with locations.open_location(path) as stream:
-        for name, regular, data in tar_entries(stream, path.rsplit("/", 1)[-1]):
-            if not regular:
-                raise TarStreamError(f"member {name} is not a regular file")
-            key, _, suffix = name.partition(".")
-            if not samples or samples[-1][0] != key:
-                samples.append((key, {}))
-            samples[-1][1][suffix] = data
-    return samples
-
-
-def _verify_sample(where: str, key: str, members: dict[str, bytes], split: str,
-                   manifest: dict[str, Any]) -> tuple[list[str], int]:
-    """The sample's problems and its caption count (0 when its JSON is unusable)."""
+def _verify_sample(where: str, key: str, members: dict[str, bytes], motion_member: str, split: str,
+                   manifest: dict[str, Any], ours: bool, captions: list[list[str]]) -> list[str]:
+    """The sample's problems: its motion against the manifest and, in our own shards, its
+    SampleMeta JSON against the motion and the index's captions."""
     try:
-        meta = schema.decode_meta(members[schema.META_MEMBER])
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        return [f"{where}: cannot decode its json ({type(err).__name__}: {err})"], 0
-    if not isinstance(meta, dict):
-        return [f"{where}: its json is a {type(meta).__name__}, not an object"], 0
-    captions = meta.get("captions")
-    count = len(captions) if isinstance(captions, list) else 0
-    try:
-        motion = schema.decode_motion(members[schema.MOTION_MEMBER])
+        motion = schema.decode_motion(members[motion_member])
     except (ValueError, EOFError) as err:  # NpyHeaderError / PickledNpy included
-        return [f"{where}: cannot decode motion.npy ({type(err).__name__}: {err})"], count
+        return [f"{where}: cannot decode {motion_member} ({type(err).__name__}: {err})"]
     problems = []
     if motion.ndim != 2 or motion.shape[0] == 0 or motion.shape[1] != manifest["feature_dim"]:
         problems.append(f"{where}: motion shape {motion.shape}, expected "
                         f"(T>0, {manifest['feature_dim']})")
     if motion.dtype != np.dtype(manifest["dtype"]):
         problems.append(f"{where}: dtype {motion.dtype}, expected {manifest['dtype']}")
+    if not ours:
+        return problems
+    try:
+        meta = schema.decode_meta(members[schema.META_MEMBER])
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        return problems + [f"{where}: cannot decode its json ({type(err).__name__}: {err})"]
+    if not isinstance(meta, dict):
+        return problems + [f"{where}: its json is a {type(meta).__name__}, not an object"]
     if meta.get("id") != key or meta.get("split") != split:
         problems.append(f"{where}: json says id {meta.get('id')!r} split {meta.get('split')!r}")
-    if meta.get("frames") != motion.shape[0]:
+    if motion.ndim == 2 and meta.get("frames") != motion.shape[0]:
         problems.append(f"{where}: json says {meta.get('frames')} frames, motion has "
                         f"{motion.shape[0]}")
-    if not captions or not isinstance(captions, list):
-        problems.append(f"{where}: no captions")
-    return problems, count
+    if schema.meta_captions(members[schema.META_MEMBER], key) != captions:
+        problems.append(f"{where}: its json's captions are not its index's")
+    return problems

@@ -1,8 +1,9 @@
 """Deterministic tar shards: fixed mtime/owner/mode, members sorted, size-based boundaries.
 
 Boundaries depend only on the encoded bytes, so the same input gives the same shards
-whatever the number of workers. Beside each shard goes its index of per-sample digests
-(schema.encode_index), whose sha256 the shard's manifest record holds.
+whatever the number of workers. Beside each shard goes its index (schema.encode_index: where
+each sample's members lie, their digests, the captions), mapped with the standard library's
+tar reader once the shard is closed (index_shards.py); the manifest record holds its sha256.
 
 This module is the only code that writes the shard format: the sharding script, the tests'
 fixtures and the benchmarks' synthetic shards all call it (`write_split` cuts shards at given
@@ -22,6 +23,7 @@ import webdataset as wds
 from rehamot.data import schema
 from shards.convert import EncodedSample
 from shards.files import file_sha256
+from shards.index_shards import our_entries
 
 TAR_BLOCK = 512
 
@@ -44,7 +46,8 @@ class SplitWriter:
         self.shards: list[dict[str, Any]] = []
         self._tar: wds.TarWriter | None = None
         self._file = None
-        self._digests: list[tuple[str, bytes, bytes]] = []  # the open shard's, in tar order
+        # the open shard's samples in tar order: key, {member: digest}, captions (or why none)
+        self._written: list[tuple[str, dict[str, bytes], list[list[str]] | str]] = []
         self._bytes = self._samples = self._captions = 0
         self.samples = self.captions = 0
 
@@ -56,7 +59,8 @@ class SplitWriter:
             self._open_shard()
         members = {schema.MOTION_MEMBER: sample.motion, schema.META_MEMBER: sample.meta}
         self._tar.write({"__key__": sample.id, **{k: v for k, v in members.items() if v is not None}})
-        self._digests.append((sample.id, *(schema.member_digest(members[m] or b"") for m in schema.DIGESTED_MEMBERS)))
+        self._written.append((sample.id, {m: schema.member_digest(v) for m, v in members.items() if v is not None},
+                              schema.meta_captions(sample.meta, sample.id)))
         self._bytes += size
         self._samples += 1
         self._captions += sample.captions
@@ -86,7 +90,7 @@ class SplitWriter:
         self._tar = wds.TarWriter(self._file, user="rehamot", group="rehamot", mode=0o444,
                                   mtime=0, encoder=False)
         self._bytes = self._samples = self._captions = 0
-        self._digests = []
+        self._written = []
 
     def _close_shard(self) -> None:
         path = self._path()
@@ -94,7 +98,7 @@ class SplitWriter:
         self._file.close()
         self._tar = self._file = None
         index = self.out_dir / schema.index_name(path.name)
-        index.write_bytes(schema.encode_index(path.name, self._digests))
+        index.write_bytes(our_entries(path, self._written))
         self.shards.append({"path": path.name, "samples": self._samples,
                             "captions": self._captions, "sha256": file_sha256(path),
                             "index": index.name, "index_sha256": file_sha256(index)})

@@ -1,11 +1,13 @@
 """Shard contract and streaming data pipeline.
 
-`schema` (the shard contract, shared with shards/), `plan` (epoch plans), `pipeline` (the
-training stream; `tar_stream` reads shards, `batch_ring` hands batches from workers to the
-trainer, `token_memo` remembers token ids), `reading`, `motion`, `collate` and `eval_set` (the
-exact evaluation set). May import the foundation (`rehamot.config`) only; never
-rehamot.models: the tokenizer is passed in. The re-exports below load lazily
-(PEP 562), so `import rehamot.data.schema` (what shards/ uses) does not pull in torch.
+`schema` (the shard contract and its index, shared with shards/), `plan` (epoch plans),
+`pipeline` (the training stream; `batch_ring` hands batches from workers to the trainer),
+`reading` (samples read through the shard index), `locations` (where shards live), `motion`,
+`collate` (batches; the split's token table), `eval_set` (the exact evaluation set) and `leaks`
+(train samples that duplicate val/test ones, within and across shard sets). May import the
+foundation (`rehamot.config`) only; never rehamot.models: the tokenizer is passed in. The
+re-exports below load lazily (PEP 562), so `import rehamot.data.schema` (what shards/ uses)
+does not pull in torch.
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """Batch assembly: pad motions to the batch maximum, build masks, keep ids, tokenise captions.
 
-Tokenisation runs here, i.e. inside the loader workers, not in the model's forward pass.
+The training stream tokenises every caption of its split once, at start-up (`TokenTable`, from
+the shard indexes' captions); its loader workers look a batch's captions up there and pad them,
+never calling the tokenizer. Evaluation tokenises per batch (`tokenize`).
 """
 from __future__ import annotations
 
@@ -66,6 +68,56 @@ def tokenize(tokenizer: Tokenizer, texts: Sequence[str], max_length: int
         "input_ids": torch.as_tensor(encoded["input_ids"], dtype=torch.int64),
         "attention_mask": torch.as_tensor(encoded["attention_mask"], dtype=torch.int64),
     }
+
+
+class TokenTable:
+    """Token ids of a list of captions, tokenised once in batched calls: row r's ids are
+    those of its text alone (as the tokenizer gives them for that text alone: special
+    tokens included, truncated to max_length): `spans[r]` is (start, end) in `ids`. Unique texts are tokenised once; the arrays
+    (int32 ids, int64 offsets) are read-only and shared with forked loader workers as they are
+    (a spawned worker gets them pickled with the stream). `batch(rows)` pads like the
+    tokenizer: `tokenizer(texts, padding=True, truncation=True, max_length=...)` of those rows'
+    texts (tested against it)."""
+
+    CHUNK = 4096  # texts per tokenizer call
+
+    def __init__(self, ids: np.ndarray, spans: np.ndarray, pad_id: int, left: bool) -> None:
+        self.ids, self.spans, self.pad_id, self.left = ids, spans, pad_id, left
+
+    @classmethod
+    def build(cls, tokenizer: Tokenizer, texts: Sequence[str], max_length: int) -> TokenTable:
+        unique = list(dict.fromkeys(texts))
+        lengths, parts = [], []
+        for at in range(0, len(unique), cls.CHUNK):
+            encoded = tokenizer(unique[at:at + cls.CHUNK], padding=False, truncation=True, max_length=max_length)
+            for row in encoded["input_ids"]:
+                lengths.append(len(row))
+                parts.append(np.asarray(row, dtype=np.int32))
+        flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
+        of_unique = {text: i for i, text in enumerate(unique)}
+        rows = np.fromiter((of_unique[t] for t in texts), dtype=np.int64, count=len(texts))
+        starts = np.concatenate([[0], ends]).astype(np.int64)
+        # per caption row: (start, end) of its unique text's ids
+        spans = np.stack([starts[rows], starts[rows + 1]], axis=1) if len(texts) else np.zeros((0, 2), np.int64)
+        left = getattr(tokenizer, "padding_side", "right") == "left"
+        return cls(flat, spans, int(tokenizer.pad_token_id), left)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def batch(self, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        """input_ids and attention_mask (B, L) int64 of these caption rows, padded to the longest."""
+        spans = self.spans[np.asarray(rows, dtype=np.int64)]
+        lengths = spans[:, 1] - spans[:, 0]
+        width = int(lengths.max())
+        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, (start, end) in enumerate(spans):
+            cols = slice(width - (end - start), width) if self.left else slice(0, end - start)
+            input_ids[i, cols] = self.ids[start:end]
+            attention_mask[i, cols] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def collate_pairs(

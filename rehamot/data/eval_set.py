@@ -2,11 +2,12 @@
 
 Motions are indexed 0..M-1 by sorted sample id and captions 0..C-1 in (motion, caption) order;
 rank r of W owns the motions and captions whose index % W == r. Construction reads only the
-JSON members (ids and captions); motion_batches streams this rank's motions on demand, so a
+shard indexes (ids and captions); motion_batches reads this rank's samples on demand, so a
 rank never holds the split's motions in memory.
 
 Evaluation is exact or nothing: a bad sample raises (never skipped), whatever `strict` says;
-that includes a sample whose members differ from its shard index's digests (digest_mismatch).
+that includes a sample whose members differ from its shard index's digests (digest_mismatch:
+every member of a sample read is checked, its JSON too).
 """
 from __future__ import annotations
 
@@ -23,18 +24,13 @@ from rehamot.data.motion import eval_crop, normalize
 from rehamot.data.pipeline import DataConfig
 from rehamot.data.reading import (
     BadSample,
-    check_digests,
-    decode_meta_member,
-    decode_motion_member,
+    decode_indexed,
     load_indexes,
     member_url,
     read_manifest,
-    read_members,
+    read_samples,
     split_shards,
 )
-
-_META_ONLY = frozenset({schema.META_MEMBER})
-_MOTION_ONLY = frozenset({schema.MOTION_MEMBER})
 
 
 @dataclass(frozen=True)
@@ -60,24 +56,19 @@ class EvalSet:
         self.feature_dim = int(manifest["feature_dim"])
         self.mean, self.std = schema.mean_std(manifest) if mean_std is None else mean_std
 
-        metas: dict[str, dict[str, Any]] = {}
+        captions: dict[str, list[list[str]]] = {}
         for url, index in zip(self.shard_urls, self.indexes):
-            for raw in read_members(url, _META_ONLY, max_member=schema.member_cap(self.feature_dim)):
-                _checked(url, raw["__key__"], check_digests, index, raw)
-                meta = _checked(url, raw["__key__"], decode_meta_member, raw)
-                if meta["id"] in metas:
-                    raise ValueError(f"{url}: sample {meta['id']} appears twice in split "
-                                     f"{cfg.split!r}")
-                metas[meta["id"]] = meta
-        expected = sum(int(r["samples"]) for r in records)
-        if len(metas) != expected:
-            raise ValueError(f"split {cfg.split!r}: read {len(metas)} samples, the manifest "
-                             f"says {expected}")
-        self.ids: list[str] = sorted(metas)
+            for key, texts in zip(index.keys, index.captions):
+                if isinstance(texts, str):
+                    raise ValueError(f"{url}: sample {key}: {texts} (evaluation needs every sample)")
+                if key in captions:
+                    raise ValueError(f"{url}: sample {key} appears twice in split {cfg.split!r}")
+                captions[key] = texts
+        self.ids: list[str] = sorted(captions)
         self.index_of = {sample_id: i for i, sample_id in enumerate(self.ids)}
         self.captions: list[EvalCaption] = [
-            EvalCaption(c["caption_id"], i, c["text"])
-            for i, sample_id in enumerate(self.ids) for c in metas[sample_id]["captions"]
+            EvalCaption(caption_id, i, text)
+            for i, sample_id in enumerate(self.ids) for caption_id, text in captions[sample_id]
         ]
 
     @property
@@ -107,21 +98,13 @@ class EvalSet:
         (the stable hash, as in training). Batches come in shard order; shards written by
         make_shards hold their samples sorted by id, so that is ascending index order.
         """
-        def mine(key: str) -> bool:
-            index = self.index_of.get(key)
-            return index is not None and index % self.world_size == self.rank
-
         pending: list[tuple[int, Any]] = []
         delivered = 0
         for url, index in zip(self.shard_urls, self.indexes):
-            for raw in read_members(url, _MOTION_ONLY, want_key=mine,
-                                    max_member=schema.member_cap(self.feature_dim)):
+            mine = [p for p, key in enumerate(index.keys) if self.index_of[key] % self.world_size == self.rank]
+            for raw in _read(url, index, mine, self.feature_dim):
                 key = raw["__key__"]
-                if schema.MOTION_MEMBER not in raw:
-                    raise ValueError(f"{url}: sample {key} has no motion member")
-                _checked(url, key, check_digests, index, raw)
-                motion = _checked(url, key, decode_motion_member, raw[schema.MOTION_MEMBER],
-                                  self.feature_dim)
+                motion = _checked(url, key, decode_indexed, index, raw, self.feature_dim)[1]
                 window = normalize(eval_crop(motion, self.cfg.max_len), self.mean, self.std)
                 pending.append((self.index_of[key], window))
                 delivered += 1
@@ -158,6 +141,14 @@ class EvalSet:
             if self.tokenizer is not None:
                 batch.update(self.tokenize(batch["texts"]))
             yield batch
+
+
+def _read(url: str, index: schema.ShardIndex, positions: list[int], feature_dim: int
+          ) -> Iterator[dict[str, Any]]:
+    try:
+        yield from read_samples(url, index, positions, None, schema.member_cap(feature_dim))
+    except (OSError, ValueError) as exn:  # cut short, unreachable: evaluation needs every sample
+        raise ValueError(f"{url}: shard unreadable ({exn}); evaluation needs every sample") from exn
 
 
 def _checked(url: str, key: str, decode: Any, *args: Any) -> Any:

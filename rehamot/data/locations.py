@@ -63,7 +63,7 @@ def open_location(location: str, start: int = 0, retries: int = RETRIES) -> Bina
     if kind == "":
         return _local(location, start)
     if kind == "file":
-        return _local(_file_path(location), start)
+        return _local(file_path(location), start)
     if kind in ("http", "https"):
         return _Resuming(location, lambda at: _http_open(location, at), start, retries)
     if kind == "s3":
@@ -73,6 +73,13 @@ def open_location(location: str, start: int = 0, retries: int = RETRIES) -> Bina
             raise ValueError(f"{location}: a pipe: command is read from its start only")
         return _gopen(location)
     return _other_open(location, start)
+
+
+def ranged(location: str) -> bool:
+    """Whether a read of `location` can start past its first byte (a seek, a Range request);
+    a `pipe:` command and the schemes only webdataset's gopen reads start at byte 0."""
+    kind = scheme(location)
+    return kind in ("", "file", "http", "https", "s3") or (kind != "pipe" and _fsspec(location) is not None)
 
 
 def read_bytes(location: str, retries: int = RETRIES) -> bytes:
@@ -87,7 +94,7 @@ def exists(location: str) -> bool:
     if kind == "":
         return os.path.isfile(location)
     if kind == "file":
-        return os.path.isfile(_file_path(location))
+        return os.path.isfile(file_path(location))
     if kind in ("http", "https"):
         return _retried(location, lambda: _http_head(location), RETRIES)
     if kind == "s3":
@@ -109,7 +116,7 @@ def missing(locations: list[str]) -> list[str]:
 
 
 # -- local files ---------------------------------------------------------------------------------
-def _file_path(url: str) -> str:
+def file_path(url: str) -> str:
     parsed = urlparse(url)
     local = parsed.netloc in ("", "localhost")
     return unquote(parsed.path if local else f"//{parsed.netloc}{parsed.path}")
@@ -169,7 +176,7 @@ class _Resuming(io.RawIOBase):
         return b"".join(parts)
 
     def _read(self, size: int) -> bytes:
-        """Up to `size` bytes, fewer only at the end (tar_stream reads exact sizes)."""
+        """Up to `size` bytes, fewer only at the end (readers read exact sizes)."""
         parts, wanted = [], size
         while wanted > 0 and (self.size is None or self.position < self.size):
             data = _retried(self.location, lambda: self._attempt(wanted), self.retries)

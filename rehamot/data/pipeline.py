@@ -1,16 +1,19 @@
 """The training stream: WebDataset shards -> (motion window, one caption) -> collated batches.
 
-One slot (a rank's loader worker) streams its planned shard segments (plan.py), decodes and
-validates each sample (bad ones are skipped, counted, logged), mixes them in a seeded shuffle
-buffer, then crops, normalises, draws a caption, batches B and tokenises, stopping exactly at
-its quota of batches. The data order is a pure function of (seed, epoch, rank, worker):
+One slot (a rank's loader worker) reads its planned shard segments (plan.py) through the shard
+indexes (reading.py: each sample's members at their recorded offsets, no tar header parsed),
+decodes and validates each sample (bad ones are skipped, counted, logged), mixes them in a
+seeded shuffle buffer, then crops, normalises, draws a caption (from the index), batches B and
+looks the captions' token ids up in the split's token table (every caption of the split
+tokenised once, when the stream is built: collate.TokenTable), stopping exactly at its quota
+of batches. The data order is a pure function of (seed, epoch, rank, worker):
 
 - the shard permutation is seeded by (seed, epoch) and cut into slots rank-major (plan.py);
 - the shuffle buffer's RNG is seeded by (seed, epoch, rank, worker);
 - the crop and caption of the k-th sample a slot emits come from an RNG seeded by
   (seed, epoch, rank, worker, k), so `loader(epoch, start_step=s)` can skip the first batches
   without cropping, normalising or tokenising them and still emit the same later batches.
-  (Skipped samples are still read from the tar and decoded: whether a sample is bad, and
+  (Skipped samples are still read and decoded: whether a sample is bad, and
   therefore where the stream stands, is only known after decoding. That is most of a sample's
   cost, so resuming at mid-epoch costs about half an epoch of one slot's reading; cropping,
   normalising, collating and tokenising are what is skipped.)
@@ -20,14 +23,15 @@ its quota of batches. The data order is a pure function of (seed, epoch, rank, w
 
 Integrity: at construction the manifest's every shard and index must exist (local folders) and
 this split's indexes must match the manifest's sha256 (ShardSetError, one line, before any
-training). Each sample read is then checked against its shard index (key at its position, a
-digest of each member's raw bytes) before it is decoded: an altered sample is a bad sample
+training). Each sample read is then checked against its shard index (a digest of each
+member's raw bytes, its JSON's too) before it is decoded: an altered sample is a bad sample
 with reason `digest_mismatch`, so nothing the manifest does not describe is trained on.
 
 Bad samples: a bad sample is dropped before the shuffle buffer; its slot refills its quota by
 reading its own range again from the start (so one bad sample costs one repeated motion, and
 the step count never changes). `batch["bad_samples"]` carries the number of bad samples the
-worker met since its previous batch (a truncated shard counts every sample it lost); a
+worker met since its previous batch (a truncated shard counts every sample it lost, an index
+whose map cannot be followed every sample of its shard); a
 resumed epoch's batches carry the counts they carry in the uninterrupted epoch, so a running
 total checkpointed with the position counts each bad sample once. `TrainStream.bad_shards()`
 names the shards the workers met bad samples in (counted in memory shared with the workers:
@@ -55,7 +59,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,16 +70,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from rehamot.config import Config, DataSection, TrainSection, build_component, data_sources, eval_shards
 from rehamot.data import schema
-from rehamot.data.batch_ring import RING_KEY, BatchRing, RingWriter
-from rehamot.data.collate import Tokenizer, collate_pairs
+from rehamot.data.batch_ring import RING_KEY, BatchRing, RingWriter, host_tensor, pin_batches
+from rehamot.data.collate import Tokenizer, TokenTable, collate_pairs
 from rehamot.data.motion import random_window
-from rehamot.data.plan import SlotPlan, SourceShards, mixture_samples, plan_mixture, steps_per_epoch
+from rehamot.data.plan import SlotPlan, SourceShards, drop_samples, mixture_samples, plan_mixture, steps_per_epoch
 from rehamot.data.reading import (
     BadSample,
     BadSampleError,
     RateLimitedWarning,
-    check_digests,
-    decode_sample,
+    decode_indexed,
     load_indexes,
     log,
     member_url,
@@ -83,7 +86,6 @@ from rehamot.data.reading import (
     read_segment,
     split_shards,
 )
-from rehamot.data.token_memo import TokenMemo
 
 PREFETCH = 2  # batches each loader worker prepares ahead (the DataLoader's prefetch_factor)
 
@@ -151,7 +153,7 @@ class TrainStream:
     """The training data of one rank. `steps_per_epoch` is the same on every rank."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer | None, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, dropped: Mapping[str, Sequence[str]] | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
@@ -176,11 +178,26 @@ class TrainStream:
             # every split's files (evaluation reads val and test later), this split's digests
             schema.check_shard_files(source.shards, manifest)
             self.indexes += load_indexes(source.shards, split_shards(manifest, cfg.split))
-        self.tokens = None if tokenizer is None else TokenMemo(tokenizer, cfg.max_text_len)
+        # every caption of the split tokenised once, up front; a sample's k-th caption is row
+        # caption_rows[shard][position] + k of the table
+        captions = [c for index in self.indexes for c in index.captions]
+        counts = np.asarray([len(c) if isinstance(c, list) else 0 for c in captions], dtype=np.int64)
+        starts, at = np.concatenate([[0], np.cumsum(counts)[:-1]]), 0
+        self.caption_rows = []
+        for index in self.indexes:
+            self.caption_rows.append(starts[at:at + len(index)])
+            at += len(index)
+        self.tokens = None if tokenizer is None else TokenTable.build(
+            tokenizer, [text for c in captions if isinstance(c, list) for _, text in c], cfg.max_text_len)
+        if dropped:  # {source: sample ids} never planned (rehamot.data.leaks: they duplicate a val/test motion)
+            self.source_shards = drop_samples(self.source_shards, [index.keys for index in self.indexes], dropped)
+            self.num_samples = mixture_samples(self.source_shards)
+            preflight(split=cfg.split, num_shards=len(self.shard_sizes), num_samples=self.num_samples,
+                      world_size=world_size, num_workers=cfg.num_workers, batch_size=cfg.batch_size)
         self.steps_per_epoch = steps_per_epoch(self.num_samples, world_size, cfg.batch_size)
         self.ring_refused = False  # /dev/shm could not hold the batch ring: not tried again
         # bad samples met per shard, in memory the loader workers (forked or spawned) share
-        self.bad_per_shard = multiprocessing.RawArray("q", len(records))
+        self.bad_per_shard = multiprocessing.RawArray("q", len(self.shard_sizes))
 
     def bad_shards(self) -> dict[str, int]:
         """{shard file name: bad samples this process's workers met in it}, this run; a mixture's
@@ -220,7 +237,7 @@ class TrainStream:
             prefetch_factor=PREFETCH if workers else None, persistent_workers=False,
             generator=generator, collate_fn=_as_built,
             worker_init_fn=functools.partial(_init_worker, os.getpid())),
-            dataset.ring, self.tokens if workers else None)
+            dataset.ring)
 
 
 def _as_built(batch: dict[str, Any]) -> dict[str, Any]:
@@ -293,12 +310,13 @@ class EpochBatches:
     the small arrays (masks, lengths, ids, tokens: a few KB) inside the pickled batch, where a
     shared-memory segment each would cost more than their bytes; here the motions are copied
     out of the slot (without a ring, when /dev/shm could not hold it, the motions come inside
-    the pickled batch too), the captions' token ids are remembered for the next epoch's workers
-    (token_memo.py) and the arrays become tensors.
+    the pickled batch too) and the arrays become tensors, in pinned memory when CUDA is there
+    (batch_ring.pin_batches: the one copy each takes anyway lands there).
     """
 
-    def __init__(self, loader: DataLoader, ring: BatchRing | None, tokens: TokenMemo | None) -> None:
-        self.loader, self.ring, self.tokens = loader, ring, tokens
+    def __init__(self, loader: DataLoader, ring: BatchRing | None) -> None:
+        self.loader, self.ring = loader, ring
+        self.pin = pin_batches()
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -306,11 +324,8 @@ class EpochBatches:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
             if self.ring is not None:
-                batch = self.ring.take(batch)
-            if self.tokens is not None:
-                self.tokens.record(batch["texts"], batch["input_ids"], batch["attention_mask"])
-            # unpickled arrays are read-only views of the message: a copy of a few KB each
-            yield {key: torch.from_numpy(value.copy()) if isinstance(value, np.ndarray) else value
+                batch = self.ring.take(batch, self.pin)
+            yield {key: host_tensor(value, self.pin) if isinstance(value, (np.ndarray, torch.Tensor)) else value
                    for key, value in batch.items()}
 
 
@@ -405,7 +420,7 @@ class _SlotReader:
             out, address = self.ring.buffer(len(items), frames)
         batch = collate_pairs(items, None, self.cfg.max_text_len, stream.mean, stream.std, out)
         if stream.tokens is not None:
-            batch.update(stream.tokens.tokenize(batch["texts"]))
+            batch.update(stream.tokens.batch([item["caption_row"] for item in items]))
         if not self.in_worker:
             return {key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
                     for key, value in batch.items()}
@@ -438,14 +453,14 @@ class _SlotReader:
     def _item(self, sample: tuple[dict[str, Any], np.ndarray], draw: tuple[int, int, int]
               ) -> dict[str, Any]:
         (meta, motion), (caption_index, start, length) = sample, draw
-        caption = meta["captions"][caption_index]
+        caption_id, text = meta["captions"][caption_index]
         sources = self.stream.sources
         # corpora number their motions alike: in a mixture an id names its source too, so the
         # loss never takes two corpora's motions for one
         sample_id = f"{sources[meta['__source__']].name}/{meta['id']}" if len(sources) > 1 else meta["id"]
         return {"motion": motion[start : start + length],  # normalised as it is collated
-                "id": sample_id, "caption_id": caption["caption_id"], "text": caption["text"],
-                "shard": meta["__shard__"]}
+                "id": sample_id, "caption_id": caption_id, "text": text, "shard": meta["__shard__"],
+                "caption_row": meta["__row__"] + caption_index}
 
     def _good_samples(self) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
         """The slot's decoded samples, its range read again from the start while the quota
@@ -455,7 +470,7 @@ class _SlotReader:
             for segment in self.slot.segments:
                 url = self.stream.shard_urls[segment.shard]
                 index = self.stream.indexes[segment.shard]
-                for meta, motion in self._segment_samples(url, index, segment.first,
+                for meta, motion in self._segment_samples(segment.shard, url, index, segment.first,
                                                           segment.stop):
                     meta["__source__"] = self.stream.shard_source[segment.shard]
                     good += 1
@@ -464,30 +479,27 @@ class _SlotReader:
                 raise RuntimeError(f"rank {self.slot.rank} worker {self.slot.worker}: no usable "
                                    f"sample in its {self.slot.num_samples} planned samples")
 
-    def _segment_samples(self, url: str, index: schema.ShardIndex, first: int, stop: int
+    def _segment_samples(self, shard: int, url: str, index: schema.ShardIndex, first: int, stop: int
                          ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
-        raws, seen = read_segment(url, first, stop, schema.member_cap(self.stream.feature_dim)), 0
+        raws = read_segment(url, index, first, stop, schema.member_cap(self.stream.feature_dim))
+        rows, position = self.stream.caption_rows[shard], first
         while True:
             try:
                 raw = next(raws)
             except StopIteration:
-                break
-            except Exception as exn:  # truncated or unreadable tar: the rest is lost
-                self._bad(url, f"samples {first + seen}..{stop - 1}", f"shard unreadable: {exn!r}",
-                          stop - first - seen)
                 return
-            seen += 1
+            except Exception as exn:  # cut short, unreachable, its map out of range: the rest is lost
+                self._bad(url, f"samples {position}..{stop - 1}", f"shard unreadable: {exn!r}", stop - position)
+                return
+            position = raw["__position__"] + 1
             try:
-                check_digests(index, raw, first + seen - 1)  # before anything is decoded
-                decoded = decode_sample(raw, self.stream.feature_dim)
+                captions, motion = decode_indexed(index, raw, self.stream.feature_dim)  # digests first
             except BadSample as exn:
-                self._bad(url, raw.get("__key__"), str(exn), 1)
+                self._bad(url, raw["__key__"], str(exn), 1)
                 continue
-            decoded[0]["__shard__"] = index.shard  # batches name each item's shard
-            yield decoded
-        if seen < stop - first:
-            self._bad(url, f"samples {first + seen}..{stop - 1}",
-                      "shard has fewer samples than its manifest says", stop - first - seen)
+            # batches name each item's shard; its captions' token rows follow from the first's
+            yield {"id": raw["__key__"], "captions": captions, "__shard__": index.shard,
+                   "__row__": int(rows[position - 1])}, motion
 
     def _bad(self, url: str, where: Any, reason: str, count: int) -> None:
         message = f"bad sample in {url}, {where}: {reason}"

@@ -1,31 +1,34 @@
-"""Reading a shard set: manifest (local dir or URL prefix), shard indexes, shard segments,
-sample validation.
+"""Reading a shard set: manifest (local dir or URL prefix), shard indexes, samples read through
+their index, sample validation.
 
-Everything is decoded with schema.decode_motion / decode_meta (never pickle); webdataset's own
-decoders are not used. Every sample a reader uses is first checked against its shard's index
-of per-sample digests (`check_digests`), which `load_indexes` reads and checks against the
-manifest's sha256 at start-up.
+The index is the map (schema.py): a sample's members are read at the offsets and sizes it
+records, nothing more, and no tar header is parsed. A local file is read by seeking to each
+sample (one read per sample); any other location (http(s), s3, fsspec's schemes, a `pipe:`) is
+read in order from the first wanted sample's offset (a Range request where the scheme has
+them), the bytes between wanted members skipped by count. A read cut short is retried by
+locations.py, resuming with a Range request at the byte reached inside the mapped sample.
+Everything is decoded with schema.decode_motion (never pickle); every sample a reader uses is
+first checked against its index's digests (`check_digests`), which `load_indexes` reads and
+checks against the manifest's sha256 at start-up.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
-from webdataset.tariterators import base_plus_ext
 
 from rehamot.data import schema
-from rehamot.data.locations import is_url
+from rehamot.data.locations import file_path, is_url, open_location, ranged, scheme
 from rehamot.data.locations import join as member_url
-from rehamot.data.tar_stream import open_samples, open_stream
 
 log = logging.getLogger("rehamot.data")
+_SKIP = 1 << 20  # bytes read at a time when a stream skips unwanted bytes
 
 
 class BadSample(Exception):
@@ -43,6 +46,11 @@ class BadSample(Exception):
 
 class BadSampleError(RuntimeError):
     """Raised instead of skipping in strict mode; names the shard and the sample key."""
+
+
+class ShardReadError(ValueError):
+    """A shard cannot be read as its index maps it (cut short, its map out of range): the
+    samples from the one named on are lost; the caller decides what that costs."""
 
 
 def read_manifest(location: str) -> dict[str, Any]:
@@ -67,7 +75,7 @@ def load_index(location: str, record: dict[str, Any]) -> schema.ShardIndex:
             f"{record.get('index')!r}); {schema.RESHARD}")
     url = member_url(location, name)
     try:
-        with open_stream(url) as stream:
+        with open_location(url) as stream:
             data = stream.read()
     except Exception as exn:  # missing file, failed request: the shard set is incomplete
         raise schema.ShardSetError(f"{url}: cannot read this shard index ({type(exn).__name__}: "
@@ -103,55 +111,103 @@ def check_digests(index: schema.ShardIndex, raw: dict[str, Any], position: int |
         raise BadSample(problem, reason="digest_mismatch")
 
 
-class _MemberFilter:
-    """The select predicate of tar_stream.open_samples (webdataset's select_files): members of
-    the samples wanted, read without touching the data of the others (skipped, never decoded).
+# -- reading samples through the index -------------------------------------------------------------
+def read_samples(url: str, index: schema.ShardIndex, positions: Iterable[int] | None = None,
+                 slots: Sequence[int] | None = None, max_member: int = schema.MAX_MEMBER_BYTES
+                 ) -> Iterator[dict[str, Any]]:
+    """Raw samples {__key__, __url__, __position__, member: bytes} of `url` at `positions`
+    (ascending; default all), with the members of `slots` (default all; index.members order)
+    that each sample has, read exactly where the index maps them.
 
-    Drops the first `skip` samples (a segment starting inside a shard), samples whose key
-    `want_key` rejects, and members whose extension is not in `members` (when given).
-    """
-
-    def __init__(self, skip: int = 0, members: frozenset[str] | None = None,
-                 want_key: Callable[[str], bool] | None = None) -> None:
-        self.skip, self.members, self.want_key = skip, members, want_key
-        self.seen, self.last = 0, None
-
-    def __call__(self, fname: str) -> bool:
-        key, ext = base_plus_ext(fname)
-        if key is None:
-            return False
-        if key != self.last:
-            self.last, self.seen = key, self.seen + 1
-        if self.seen <= self.skip or (self.members is not None and ext not in self.members):
-            return False
-        return self.want_key is None or self.want_key(key)
-
-
-def read_segment(url: str, first: int = 0, stop: int | None = None,
-                 max_member: int = schema.MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
-    """Raw samples {__key__, __url__, member: bytes} at positions [first, stop) of one shard.
-
-    Errors of the tar itself (missing file, truncation, a member of impossible size: see
-    tar_stream; `max_member` bounds a stream's, schema.member_cap of the manifest's
-    feature_dim where the caller knows it) propagate: the caller decides whether the rest of
-    the segment is lost or fatal.
-    """
-    samples = open_samples(url, _MemberFilter(skip=first), max_member)
-    with closing(samples):
-        for position, raw in enumerate(samples, start=first):
-            if stop is not None and position >= stop:
-                return
+    ShardReadError names the shard when the map cannot be followed (index.problem, a member
+    larger than `max_member`: schema.member_cap of the manifest's feature_dim where the caller
+    knows it) or the bytes end early: at the first sample concerned, after the ones before it.
+    A missing file or a failed request propagates as OSError."""
+    positions = range(len(index)) if positions is None else positions
+    slots = range(len(index.members)) if slots is None else slots
+    if index.problem:
+        raise ShardReadError(f"{url}: {index.problem}")
+    local = _local_path(url)
+    stream: BinaryIO | None = None
+    try:
+        if local is not None:
+            stream = open(local, "rb")  # noqa: SIM115 - closed below
+            file_bytes = os.fstat(stream.fileno()).st_size
+        at = None  # a stream's position; None: not opened yet
+        for position in positions:
+            spans = [(int(index.offsets[position, s]), int(index.sizes[position, s]), index.members[s])
+                     for s in slots if index.sizes[position, s] >= 0]
+            raw: dict[str, Any] = {"__key__": index.keys[position], "__url__": url, "__position__": position}
+            if not spans:
+                yield raw
+                continue
+            spans.sort()
+            first, end = spans[0][0], spans[-1][0] + spans[-1][1]
+            if any(length > max_member for _, length, _ in spans):
+                raise ShardReadError(f"{url}: {schema.index_name(index.shard)} maps sample "
+                                     f"{position} to a member larger than the {max_member} bytes "
+                                     f"a member may hold")
+            if local is not None:
+                if end > file_bytes:
+                    raise ShardReadError(f"{url}: ends at byte {file_bytes}, its index maps sample "
+                                         f"{position} to bytes up to {end} (the shard was cut short)")
+                data = os.pread(stream.fileno(), end - first, first)
+            else:
+                if at is None:
+                    at = first if ranged(url) else 0
+                    stream = open_location(url, at)
+                _skip(stream, first - at, url)
+                data = _read_exactly(stream, end - first, url, position)
+                at = end
+            for offset, length, member in spans:
+                raw[member] = data[offset - first:offset - first + length]
             yield raw
+    finally:
+        if stream is not None:
+            _close(stream)
 
 
-def read_members(url: str, members: frozenset[str] | None = None,
-                 want_key: Callable[[str], bool] | None = None,
+def _local_path(url: str) -> str | None:
+    """The file behind a local path or file:// URL, None for anything read as a stream."""
+    kind = scheme(url)
+    if kind == "":
+        return url
+    return file_path(url) if kind == "file" else None
+
+
+def _skip(stream: BinaryIO, count: int, url: str) -> None:
+    while count > 0:
+        chunk = stream.read(min(count, _SKIP))
+        if not chunk:
+            raise ShardReadError(f"{url}: the stream ended before the bytes its index maps")
+        count -= len(chunk)
+
+
+def _read_exactly(stream: BinaryIO, size: int, url: str, position: int) -> bytes:
+    parts, left = [], size
+    while left > 0:
+        chunk = stream.read(left)
+        if not chunk:
+            raise ShardReadError(f"{url}: the stream ended inside sample {position} (the shard "
+                                 f"was cut short)")
+        parts.append(chunk)
+        left -= len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _close(stream: BinaryIO) -> None:
+    """Close a stream; a `pipe:` command's output closed early makes it fail (curl: 23): that
+    is the expected consequence of reading part of a shard, not an error of the shard."""
+    try:
+        stream.close()
+    except OSError:
+        pass
+
+
+def read_segment(url: str, index: schema.ShardIndex, first: int = 0, stop: int | None = None,
                  max_member: int = schema.MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
-    """Raw samples of a whole shard restricted to some members and/or keys (the data of the
-    others is skipped unread). A sample with none of the members is not yielded."""
-    samples = open_samples(url, _MemberFilter(members=members, want_key=want_key), max_member)
-    with closing(samples):
-        yield from samples
+    """Raw samples at positions [first, stop) of one shard, every member (read_samples)."""
+    return read_samples(url, index, range(first, len(index) if stop is None else stop), None, max_member)
 
 
 def read_raw_motions(location: str, split: str, ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -165,42 +221,28 @@ def read_raw_motions(location: str, split: str, ids: Iterable[str] | None = None
     motions: dict[str, np.ndarray] = {}
     for record, index in zip(records, load_indexes(location, records)):
         url = member_url(location, record["path"])
-        keep = None if wanted is None else wanted.__contains__
-        for raw in read_members(url, frozenset({schema.MOTION_MEMBER}), want_key=keep,
-                                max_member=schema.member_cap(feature_dim)):
-            try:
-                check_digests(index, raw)
-                motions[raw["__key__"]] = decode_motion_member(raw[schema.MOTION_MEMBER], feature_dim)
-            except BadSample as bad:
-                raise ValueError(f"{url}: sample {raw['__key__']}: {bad}") from None
+        positions = [p for p, key in enumerate(index.keys) if wanted is None or key in wanted]
+        try:
+            for raw in read_samples(url, index, positions, [0], schema.member_cap(feature_dim)):
+                motions[raw["__key__"]] = decode_indexed(index, raw, feature_dim, captions=False)[1]
+        except BadSample as bad:
+            raise ValueError(f"{url}: sample {raw['__key__']}: {bad}") from None
     return motions
 
 
-def decode_sample(raw: dict[str, Any], feature_dim: int) -> tuple[dict[str, Any], np.ndarray]:
-    """(meta, motion) of a raw sample, or BadSample saying what is wrong with it."""
-    if schema.MOTION_MEMBER not in raw:
-        raise BadSample(f"no .{schema.MOTION_MEMBER} member")
-    return decode_meta_member(raw), decode_motion_member(raw[schema.MOTION_MEMBER], feature_dim)
-
-
-def decode_meta_member(raw: dict[str, Any]) -> dict[str, Any]:
-    """The sample's JSON, checked: its id is the key and it has usable captions."""
-    if schema.META_MEMBER not in raw:
-        raise BadSample(f"no .{schema.META_MEMBER} member")
-    try:
-        meta = schema.decode_meta(raw[schema.META_MEMBER])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-        raise BadSample(f"unreadable json: {exn}") from exn
-    if not isinstance(meta, dict) or meta.get("id") != raw.get("__key__"):
-        found = meta.get("id") if isinstance(meta, dict) else None
-        raise BadSample(f"json id {found!r} differs from the key")
-    captions = meta.get("captions")
-    if not isinstance(captions, list) or not captions or not all(
-        isinstance(c, dict) and isinstance(c.get("caption_id"), str)
-        and isinstance(c.get("text"), str) and c["text"].strip() for c in captions
-    ):
-        raise BadSample("json has no usable captions")
-    return meta
+def decode_indexed(index: schema.ShardIndex, raw: dict[str, Any], feature_dim: int,
+                   captions: bool = True) -> tuple[list[list[str]], np.ndarray]:
+    """(captions, motion) of a raw sample read through `index`, its members checked against
+    their digests first; BadSample saying what is wrong otherwise. `captions=False`: the
+    motion alone matters (the captions are not judged)."""
+    position = raw["__position__"]
+    check_digests(index, raw, position)
+    texts = index.captions[position]
+    if captions and isinstance(texts, str):
+        raise BadSample(texts)
+    if index.motion not in raw:
+        raise BadSample(f"no .{index.motion} member")
+    return texts, decode_motion_member(raw[index.motion], feature_dim)
 
 
 def decode_motion_member(data: bytes, feature_dim: int) -> np.ndarray:

@@ -11,13 +11,18 @@ Keys contain no dots (WebDataset splits member names at the first dot).
 plain data (JSON, .npy without pickle) so that shards handed to us by others are never
 unpickled.
 
-Per-sample digests (format 2): beside each shard `<split>-%06d.tar` lies its index
-`<split>-%06d.index.json`, listing in tar order each sample's key and a digest of each member's
-raw bytes (`member_digest`). The manifest holds the index's sha256, so the manifest vouches for
-every sample through it while staying small for 100k-sample corpora. Readers check a sample's
-members against the index as they decode it: a worker reading a slice of a shard, or a resume
-skipping samples, still checks every sample it uses, before anything is trained on it (a
-whole-shard sha256 is known only at the shard's end). `make_shards.py verify` checks both.
+The shard index (format 3) is the map of a shard: beside each shard `<split>-%06d.tar` lies
+`<split>-%06d.index.json`, listing in tar order each sample's key, where each of its members'
+bytes lie (offset of the data after its 512-byte header, size) with a digest of those bytes
+(`member_digest`), and its captions. The manifest holds the index's sha256, so the manifest
+vouches for every sample through it while staying small for 100k-sample corpora. Readers never
+parse a tar header: they read exactly the mapped bytes (a local file by seeking, a stream in
+order, skipping what lies between) and check each member against its digest before decoding
+it, so a worker reading a slice of a shard, or a resume skipping samples, still checks every
+sample it uses. The captions let a reader know a split's texts up front without reading a tar
+(the training stream tokenises them all at start-up). Shards stay plain WebDataset tars: any
+tar reader reads them (`make_shards.py index` maps shards made elsewhere, or upgrades an
+older set in place). `make_shards.py verify` also checks each whole shard's sha256.
 """
 from __future__ import annotations
 
@@ -35,12 +40,15 @@ import xxhash
 
 from rehamot.data import locations
 
-# 2: per-sample digests in per-shard index files (older shards are refused: re-shard them)
-FORMAT_VERSION = 2
+# 2: per-sample digests in per-shard index files; 3: the index maps each member's bytes and holds
+# the captions (older sets are refused: `make_shards.py index DIR` upgrades them in place)
+FORMAT_VERSION = 3
+INDEX_VERSION = 2  # of the index file (format 3's)
 MANIFEST_NAME = "manifest.json"
 MOTION_MEMBER = "motion.npy"
 META_MEMBER = "json"
 SHARD_PATTERN = "{split}-%06d.tar"
+TAR_BLOCK = 512
 INDEX_SUFFIX = ".index.json"
 INDEX_FORMAT = "rehamot-shard-index"
 # The member digest is xxh3-128 of the member's bytes (128 bits leave no chance of an altered
@@ -49,9 +57,10 @@ INDEX_FORMAT = "rehamot-shard-index"
 # sha256 in the manifest, which `make_shards.py verify` checks.
 DIGEST = "xxh3-128"
 DIGEST_SIZE = 16
-DIGESTED_MEMBERS = (MOTION_MEMBER, META_MEMBER)  # their order in the index's digest pairs
+DIGESTED_MEMBERS = (MOTION_MEMBER, META_MEMBER)  # our shards' members, in the index's order (the motion first)
 RESHARD = ("re-shard them with this rehamot (python shards/make_shards.py <humanml3d|kitml|"
            "manifest|demo> ... --out DIR --overwrite)")
+UPGRADE = "upgrade them in place (python shards/make_shards.py index DIR)"
 SPLITS = ("train", "val", "test")
 # A manifest names its shards and indexes by plain file names in its own folder: no '/', no
 # ':' (a URL scheme, webdataset's `pipe:` running a command), no leading '.' or '-'.
@@ -116,9 +125,12 @@ SKIP_REASONS = {
 #  "index": "train-000000.index.json", "index_sha256": <the index file's>}
 #
 # The index file (encode_index), UTF-8 JSON:
-# {"format": "rehamot-shard-index", "version": 1, "shard": "train-000000.tar",
-#  "digest": "xxh3-128", "members": ["motion.npy", "json"],
-#  "samples": [["000123_1", <hex digest of motion.npy>, <hex digest of json>], ...]}
+# {"format": "rehamot-shard-index", "version": 2, "shard": "train-000000.tar",
+#  "bytes": <the tar's size>, "digest": "xxh3-128", "members": ["motion.npy", "json"],
+#  "samples": [["000123_1", [[<data offset>, <size>, <hex digest>] of motion.npy, [...] of json],
+#               [["000123_1:0", "a person ..."], ...]], ...]}
+# members[0] is the motion; a member a sample lacks is null; a sample whose captions cannot be
+# used has, instead of its caption list, the reason (a string) readers report it as bad with.
 
 
 class ShardSetError(ValueError):
@@ -236,8 +248,9 @@ def check_format(manifest: Any, where: str) -> None:
     if version == FORMAT_VERSION:
         return
     if isinstance(version, int) and version < FORMAT_VERSION:
-        raise ShardSetError(f"{where}: shards of format {version}, without per-sample digests; "
-                            f"this rehamot reads only format {FORMAT_VERSION}: {RESHARD}")
+        raise ShardSetError(f"{where}: shards of format {version}, whose index does not map "
+                            f"the samples; this rehamot reads only format {FORMAT_VERSION}: "
+                            f"{UPGRADE}, or {RESHARD}")
     raise ShardSetError(f"{where}: format_version {version!r}, this rehamot reads "
                         f"{FORMAT_VERSION}: use the rehamot that wrote them, or {RESHARD}")
 
@@ -376,7 +389,7 @@ def decode_meta(data: bytes) -> dict[str, Any]:
     return json.loads(data.decode("utf-8"))
 
 
-# -- per-sample digests ---------------------------------------------------------------------------
+# -- the shard index -------------------------------------------------------------------------------
 def member_digest(data: bytes) -> bytes:
     """DIGEST of a member's raw bytes (as stored in the tar)."""
     return xxhash.xxh3_128_digest(data)
@@ -387,44 +400,105 @@ def index_name(shard_path: str) -> str:
     return shard_path.removesuffix(".tar") + INDEX_SUFFIX
 
 
-def encode_index(shard_path: str, samples: list[tuple[str, bytes, bytes]]) -> bytes:
-    """The index file of a shard: (key, motion digest, JSON digest) per sample, in tar order.
-    The same samples give the same bytes."""
-    body = {"format": INDEX_FORMAT, "version": 1, "shard": shard_path, "digest": DIGEST,
-            "members": list(DIGESTED_MEMBERS),
-            "samples": [[key, motion.hex(), meta.hex()] for key, motion, meta in samples]}
+def meta_problem(meta: Any, key: str) -> str | None:
+    """Why a decoded SampleMeta cannot be used for sample `key` (its id, its captions), or None."""
+    if not isinstance(meta, dict) or meta.get("id") != key:
+        found = meta.get("id") if isinstance(meta, dict) else None
+        return f"json id {found!r} differs from the key"
+    captions = meta.get("captions")
+    if not isinstance(captions, list) or not captions or not all(
+        isinstance(c, dict) and isinstance(c.get("caption_id"), str)
+        and isinstance(c.get("text"), str) and c["text"].strip() for c in captions
+    ):
+        return "json has no usable captions"
+    return None
+
+
+def meta_captions(data: bytes | None, key: str) -> list[list[str]] | str:
+    """A sample's captions for its index, [[caption_id, text], ...] from its SampleMeta JSON
+    member, or why it has none (what a reader of the sample reports as its bad-sample reason)."""
+    if data is None:
+        return f"no .{META_MEMBER} member"
+    try:
+        meta = decode_meta(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exn:
+        return f"unreadable json: {exn}"
+    problem = meta_problem(meta, key)
+    return problem if problem else [[c["caption_id"], c["text"]] for c in meta["captions"]]
+
+
+# a member's place in its shard: (offset of its data, its size, its DIGEST); None: absent
+Span = tuple[int, int, bytes] | None
+
+
+def encode_index(shard_path: str, shard_bytes: int, members: Sequence[str],
+                 samples: Sequence[tuple[str, Sequence[Span], list[list[str]] | str]]) -> bytes:
+    """The index file of a shard: per sample in tar order its key, the span of each of
+    `members` (members[0] is the motion) and its captions (or why it has none). The same
+    samples give the same bytes."""
+    body = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "shard": shard_path,
+            "bytes": shard_bytes, "digest": DIGEST, "members": list(members),
+            "samples": [[key, [None if s is None else [s[0], s[1], s[2].hex()] for s in spans], captions]
+                        for key, spans, captions in samples]}
     return (json.dumps(body, separators=(",", ":"), ensure_ascii=True) + "\n").encode("ascii")
 
 
 class ShardIndex:
-    """A shard's per-sample digests: `keys` in tar order, `digests` the DIGEST_SIZE-byte digests
-    of each sample's DIGESTED_MEMBERS, concatenated (compact: 32 bytes per sample)."""
+    """A shard's map: per sample in tar order its key, where each member's bytes lie (`offsets`,
+    `sizes`: int64 (samples, members), -1 where a sample lacks the member), their digests
+    (DIGEST_SIZE bytes per member slot, concatenated) and its captions ([caption_id, text]
+    pairs, or a string saying why it has none). `members[0]` is the motion member.
 
-    def __init__(self, shard: str, keys: list[str], digests: bytes) -> None:
-        self.shard, self.keys, self.digests = shard, keys, digests
+    `problem`: why the map itself cannot be followed (an offset negative, out of the shard's
+    recorded size, or overlapping another member), None when it can; readers then count every
+    sample of the shard as bad with that reason."""
+
+    def __init__(self, shard: str, shard_bytes: int, members: tuple[str, ...], keys: list[str],
+                 offsets: np.ndarray, sizes: np.ndarray, digests: bytes,
+                 captions: list[list[list[str]] | str]) -> None:
+        self.shard, self.bytes, self.members, self.keys = shard, shard_bytes, members, keys
+        self.offsets, self.sizes, self.digests, self.captions = offsets, sizes, digests, captions
+        self.motion = members[0]
         self._positions: dict[str, int] | None = None
+        self.problem = _layout_problem(self)
 
     @classmethod
     def parse(cls, data: bytes, shard: str) -> ShardIndex:
         """The index of `shard` from its file's bytes; ValueError if it is not one."""
         body = json.loads(data.decode("utf-8"))
+        members = body.get("members") if isinstance(body, dict) else None
         if not isinstance(body, dict) or body.get("format") != INDEX_FORMAT \
-                or body.get("version") != 1 or body.get("digest") != DIGEST \
-                or body.get("members") != list(DIGESTED_MEMBERS) or body.get("shard") != shard:
-            raise ValueError(f"not a version-1 {INDEX_FORMAT} of {shard} with {DIGEST} digests")
-        keys, digests = [], bytearray()
-        for entry in body.get("samples", []):
+                or body.get("version") != INDEX_VERSION or body.get("digest") != DIGEST \
+                or body.get("shard") != shard or not isinstance(body.get("bytes"), int) \
+                or not isinstance(members, list) or not members \
+                or not all(isinstance(m, str) and m for m in members) or len(set(members)) != len(members):
+            raise ValueError(f"not a version-{INDEX_VERSION} {INDEX_FORMAT} of {shard} with {DIGEST} digests")
+        entries = body.get("samples")
+        if not isinstance(entries, list):
+            raise ValueError("no samples list")
+        slots = len(members)
+        offsets = np.full((len(entries), slots), -1, dtype=np.int64)
+        sizes = np.full((len(entries), slots), -1, dtype=np.int64)
+        digests = bytearray(len(entries) * slots * DIGEST_SIZE)
+        keys, captions = [], []
+        for row, entry in enumerate(entries):
             try:
-                key, *hexes = entry
-                parts = [bytes.fromhex(h) for h in hexes]
-            except (TypeError, ValueError):
-                parts = []
-            if not parts or not isinstance(key, str) or len(parts) != len(DIGESTED_MEMBERS) \
-                    or any(len(p) != DIGEST_SIZE for p in parts):
+                key, spans, caps = entry
+                for slot, span in enumerate(spans):
+                    if span is not None:
+                        offset, size, digest = span
+                        if type(offset) is not int or type(size) is not int:
+                            raise TypeError
+                        offsets[row, slot], sizes[row, slot] = offset, size
+                        at = (row * slots + slot) * DIGEST_SIZE
+                        digests[at:at + DIGEST_SIZE] = _digest_bytes(digest)
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"malformed entry {entry!r:.80}") from None
+            if not isinstance(key, str) or len(spans) != slots or not _captions_ok(caps):
                 raise ValueError(f"malformed entry {entry!r:.80}")
             keys.append(key)
-            digests += b"".join(parts)
-        return cls(shard, keys, bytes(digests))
+            captions.append(caps)
+        return cls(shard, body["bytes"], tuple(members), keys, offsets, sizes, bytes(digests), captions)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -434,12 +508,16 @@ class ShardIndex:
             self._positions = {k: i for i, k in enumerate(self.keys)}
         return self._positions.get(key)
 
+    def digest(self, position: int, slot: int) -> bytes:
+        at = (position * len(self.members) + slot) * DIGEST_SIZE
+        return self.digests[at:at + DIGEST_SIZE]
+
     def mismatch(self, sample: Mapping[str, Any], position: int | None = None) -> str | None:
         """Why `sample` ({__key__, member: bytes}) is not what was sharded, or None.
 
         With `position` (its place in the tar) the key must be the index's there; without, the
-        key is looked up. Every digested member the sample holds is checked; a missing member
-        is left to the decoder to report.
+        key is looked up. Every member the sample holds is checked; a missing member is left to
+        the decoder to report.
         """
         key = sample.get("__key__")
         if position is None:
@@ -450,12 +528,48 @@ class ShardIndex:
             listed = self.keys[position] if position < len(self.keys) else "no sample"
             return (f"sample {position} of the tar is {key!r}, {index_name(self.shard)} lists "
                     f"{listed!r} there (samples moved or replaced)")
-        for slot, member in enumerate(DIGESTED_MEMBERS):
+        for slot, member in enumerate(self.members):
             data = sample.get(member)
             if data is None:
                 continue
-            at = (position * len(DIGESTED_MEMBERS) + slot) * DIGEST_SIZE
-            if member_digest(data) != self.digests[at:at + DIGEST_SIZE]:
+            if self.sizes[position, slot] < 0 or member_digest(data) != self.digest(position, slot):
                 return (f"its {member} is not the one sharded ({DIGEST} differs from "
                         f"{index_name(self.shard)})")
         return None
+
+
+def _digest_bytes(value: Any) -> bytes:
+    digest = bytes.fromhex(value) if isinstance(value, str) else b""
+    if len(digest) != DIGEST_SIZE:
+        raise ValueError(f"not a {DIGEST} digest")
+    return digest
+
+
+def _captions_ok(captions: Any) -> bool:
+    return isinstance(captions, str) or isinstance(captions, list) and all(
+        isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) for x in c) for c in captions)
+
+
+def _layout_problem(index: ShardIndex) -> str | None:
+    """Why the index's spans cannot be the members of one tar of `index.bytes` bytes: every
+    member's data starts on a block after its header, lies inside the shard, and members
+    follow each other in tar order without overlapping (a header between each two)."""
+    present = index.sizes >= 0
+    if not present.any():
+        return None
+    where = f"{index_name(index.shard)} maps"
+    offsets, sizes = index.offsets[present], index.sizes[present]
+    if (offsets < TAR_BLOCK).any() or (offsets % TAR_BLOCK).any():
+        return f"{where} a member to an offset that no tar member's data can start at"
+    if (offsets + sizes > index.bytes).any():
+        return f"{where} a member beyond the shard's {index.bytes} bytes"
+    # members in tar order: by sample, then by offset within the sample
+    rows = np.where(present, index.offsets, np.iinfo(np.int64).max)
+    order = np.argsort(rows, axis=1, kind="stable")
+    starts = np.take_along_axis(rows, order, axis=1)
+    ends = starts + np.take_along_axis(index.sizes, order, axis=1)
+    keep = np.take_along_axis(present, order, axis=1)
+    starts, ends = starts[keep], ends[keep]
+    if (starts[1:] < ends[:-1] + TAR_BLOCK).any():
+        return f"{where} members that overlap or are out of tar order"
+    return None

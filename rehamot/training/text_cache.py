@@ -50,19 +50,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rehamot.data import schema
 from rehamot.data.collate import Tokenizer, tokenize
 from rehamot.data.reading import (
-    BadSample,
     BadSampleError,
     RateLimitedWarning,
-    check_digests,
-    decode_meta_member,
     is_url,
     load_indexes,
     member_url,
     read_manifest,
-    read_members,
     split_shards,
 )
 from rehamot.progress import track
@@ -98,45 +93,25 @@ class CaptionScan:
 def scan_captions(shards: str, split: str, shard_numbers: Iterable[int] | None = None,
                   strict: bool = False) -> CaptionScan:
     """Distinct caption texts of a split's shards (all, or the given positions in the manifest),
-    reading only the JSON members. Unreadable samples and those whose JSON member differs from
-    the shard index (digest_mismatch) are counted and warned about by shard and key (strict:
+    from the shard indexes' captions (their sha256 is the manifest's: no tar is read). A sample
+    whose captions are unusable is counted and warned about by shard and key (strict:
     BadSampleError); every other caption is kept."""
     manifest = read_manifest(shards)
-    records, cap = split_shards(manifest, split), schema.member_cap(int(manifest["feature_dim"]))
+    records = split_shards(manifest, split)
     numbers = range(len(records)) if shard_numbers is None else list(shard_numbers)
     indexes = dict(zip(numbers, load_indexes(shards, [records[n] for n in numbers])))
     scan, warn = CaptionScan(), RateLimitedWarning(log)
-
-    def bad(url: str, where: Any, reason: str, count: int) -> None:
-        message = f"text cache: unreadable captions in {url}, {where}: {reason}"
-        if strict:
-            raise BadSampleError(message)
-        scan.bad += count
-        warn(message)
-
     for number in numbers:
-        record = records[number]
-        url, expected, seen = member_url(shards, record["path"]), int(record["samples"]), 0
-        raws = read_members(url, members=frozenset({schema.META_MEMBER}), max_member=cap)
-        while True:
-            try:
-                raw = next(raws)
-            except StopIteration:
-                if seen < expected:
-                    bad(url, f"samples {seen}..{expected - 1}",
-                        "shard has fewer samples (with a JSON member) than its manifest says", expected - seen)
-                break
-            except Exception as exn:  # a truncated or missing tar: what follows is lost
-                bad(url, f"after {seen} samples", f"shard unreadable: {exn!r}", max(expected - seen, 1))
-                break
-            seen += 1
-            try:
-                check_digests(indexes[number], raw)
-                meta = decode_meta_member(raw)
-            except BadSample as exn:
-                bad(url, raw.get("__key__"), str(exn), 1)
+        url = member_url(shards, records[number]["path"])
+        for key, texts in zip(indexes[number].keys, indexes[number].captions):
+            if isinstance(texts, list):
+                scan.texts.update(text for _, text in texts)
                 continue
-            scan.texts.update(c["text"] for c in meta["captions"])
+            message = f"text cache: unreadable captions in {url}, {key}: {texts}"
+            if strict:
+                raise BadSampleError(message)
+            scan.bad += 1
+            warn(message)
     return scan
 
 

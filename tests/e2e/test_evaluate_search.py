@@ -244,14 +244,10 @@ def test_search_errors_are_one_line(indexed, run_dir, tmp_path):
 
 def shard_features(shards: Path, motion_id: str) -> np.ndarray:
     """The raw features of one test motion as sharded (what a user's motion file holds)."""
-    from rehamot.data import schema
-    from rehamot.data.reading import decode_motion_member, member_url, read_manifest, read_members, split_shards
+    from rehamot.data.reading import read_raw_motions
 
-    manifest = read_manifest(str(shards))
-    for record in split_shards(manifest, "test"):
-        url = member_url(str(shards), record["path"])
-        for raw in read_members(url, frozenset({schema.MOTION_MEMBER}), want_key=motion_id.__eq__):
-            return decode_motion_member(raw[schema.MOTION_MEMBER], int(manifest["feature_dim"]))
+    for found in read_raw_motions(str(shards), "test", [motion_id]).values():
+        return found
     raise AssertionError(f"{motion_id} is not in the test split")
 
 

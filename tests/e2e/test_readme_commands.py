@@ -51,7 +51,7 @@ def test_readme_commands_run(demo_shards, tmp_path):
     motion_id = _raw_motion(demo_shards, tmp_path / "motion.npy")
     substitutions = [
         (RUN_NAME, str(run_dir)),
-        (re.compile(r"data/(demo|humanml3d|kitml|mine)\b"), str(demo_shards)),
+        (re.compile(r"data/(demo|humanml3d|kitml|mine|wds)\b"), str(demo_shards)),
         (re.compile(r"\bMOTION\.npy\b"), str(tmp_path / "motion.npy")),
         (re.compile(r"\bOUT\.(gif|png|mp4)\b"), str(tmp_path / r"out.\1")),
         (re.compile(r"--motion 0\d+"), f"--motion {motion_id}"),

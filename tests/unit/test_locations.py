@@ -11,7 +11,7 @@ import pytest
 from data_fixtures import write_shard_set
 
 from rehamot.data import locations, schema
-from rehamot.data.reading import load_indexes, read_manifest, read_segment
+from rehamot.data.reading import load_index, load_indexes, read_manifest, read_segment
 
 
 class Served:
@@ -91,11 +91,17 @@ def test_samples_read_through_dropped_connections_are_the_local_ones(served):
     server, shards = served
     tar = shards.shard_paths("train")[0]
     server.cuts, server.cut_after = 3, 700  # inside the first samples' members
-    remote = list(read_segment(f"{server.url}/shards/{tar.name}"))
-    local = list(read_segment(str(tar)))
+    index = load_index(str(shards.root), shards.manifest["splits"]["train"]["shards"][0])
+    remote = list(read_segment(f"{server.url}/shards/{tar.name}", index))
+    local = list(read_segment(str(tar), index))
     assert [{k: v for k, v in r.items() if k != "__url__"} for r in remote] == \
         [{k: v for k, v in r.items() if k != "__url__"} for r in local]
     assert len(server.requests) == 4
+    # a segment starts with a Range request at its first sample's first member (the index's)
+    server.requests.clear()
+    assert [r["__key__"] for r in read_segment(f"{server.url}/shards/{tar.name}", index, 2, 4)] == \
+        index.keys[2:4]
+    assert server.requests == [("GET", f"/shards/{tar.name}", f"bytes={int(index.offsets[2].min())}-")]
 
 
 def test_retries_are_bounded(served):

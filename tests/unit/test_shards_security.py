@@ -306,12 +306,14 @@ def test_verify_reports_malformed_samples_by_name(tmp_path, capsys):
     })
     assert main(["verify", str(out)]) == 1
     err = capsys.readouterr().err.replace("\n", " ")
-    for key, words in (("000000", "header"), ("000001", "object"), ("000002", "json"),
-                       ("000003", "json")):
-        assert f"train-000000.tar/{key}:" in err
-        lines = err.split(f"train-000000.tar/{key}:")[1:]  # its digest mismatch, then the rest
-        assert any(words in line[:200] for line in lines), (key, lines)
-        assert "digest_mismatch" in lines[0][:200], (key, lines)
+    # verify reads through the index: each sample read where it was sharded is a digest
+    # mismatch (members of other sizes move the later ones), then its bytes are judged, the
+    # lying header first checked against the bytes there (nothing allocated)
+    for key in ("000000", "000001", "000002", "000003"):
+        lines = err.split(f"train-000000.tar/{key}:")[1:]
+        assert lines and "digest_mismatch" in lines[0][:200], (key, lines)
+    assert "train-000000.tar/000000: cannot decode motion.npy (NpyHeaderError: header claims shape " \
+           "(1000000000000, 8)" in err
 
 
 def test_verify_reads_no_shard_outside_its_folder(tmp_path, capsys):
