@@ -287,3 +287,35 @@ def write_synthetic_shards(root: Path, shard_sizes: dict[str, list[int]], *, fea
 def _caption_text(index: int, k: int) -> str:
     words = " ".join(["slowly"] * ((index + k) % 5))
     return f"a person performs action {index} variant {k} {words}".strip()
+
+
+@contextlib.contextmanager
+def nginx_serving(root: Path) -> Iterator[str]:
+    """Debian's nginx serving `root` on a free 127.0.0.1 port (Range requests included), for as
+    long as the block runs; yields its URL."""
+    import shutil
+    import socket
+
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.access(binary, os.X_OK):
+        sys.exit("nginx is not installed (Debian package nginx-light; `make setup` installs it)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory() as work:
+        temp = "".join(f"{name}_temp_path {work}/{name};\n" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        conf = Path(work, "nginx.conf")
+        conf.write_text(f"daemon off;\nmaster_process off;\nworker_processes 1;\npid {work}/nginx.pid;\n"
+                        f"error_log {work}/error.log;\nevents {{ worker_connections 64; }}\n"
+                        f"http {{\n access_log off;\n{temp} server {{\n  listen 127.0.0.1:{port};\n"
+                        f"  root {root};\n }}\n}}\n")
+        proc = subprocess.Popen([binary, "-p", work, "-c", str(conf)], stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(200):
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                    break
+                time.sleep(0.05)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -17,11 +17,13 @@ so `import rehamot` is that revision's. Without --shards each arm reads a synthe
 HumanML3D-shaped shard set (263 features, 40-200 frames, 1-4 captions) written by its own
 revision's writer (its benchmarks/common.py write_synthetic_shards, same seed: the same samples
 in each revision's shard format); --shards is read by every arm, so it suits only revisions of
-one shard format.
+one shard format. `--serve` reads the synthetic sets over http:// from Debian's nginx on
+127.0.0.1 (Range requests, as from object storage) instead of the folder.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -33,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, command_line, minilm_tokenizer, require_shards, run_worker, worker_env
+from common import REPO, command_line, minilm_tokenizer, nginx_serving, require_shards, run_worker, worker_env
 
 
 def measure(shards: str, workers: int, batch_size: int, epochs: int, tokenizer: str | None) -> dict[str, Any]:
@@ -107,6 +109,8 @@ def main() -> None:
                         help="a tokenizer folder (default: the packaged MiniLM's)")
     parser.add_argument("--motions", type=int, default=2048, help="synthetic shard set size")
     parser.add_argument("--shard-count", type=int, default=8, help="synthetic shard count")
+    parser.add_argument("--serve", action="store_true",
+                        help="read the synthetic shards from a local nginx over http:// instead of the folder")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,7 +122,10 @@ def main() -> None:
         return
 
     print(command_line())
-    with tempfile.TemporaryDirectory() as tmp:
+    if args.serve and args.shards:
+        parser.error("--serve serves the synthetic shards: leave out --shards")
+    with tempfile.TemporaryDirectory() as tmp, \
+            (nginx_serving(Path(tmp)) if args.serve else contextlib.nullcontext()) as served:
         arms = {"ours": str(REPO)}
         if args.baseline:
             baseline = Path(tmp, "baseline")
@@ -130,6 +137,9 @@ def main() -> None:
             arm_shards = {arm: write_arm_shards(root, Path(tmp, f"shards-{n}"), sizes)
                           for n, (arm, root) in enumerate(arms.items())}
             shards = "synthetic (each arm's own writer)"
+            if served:
+                arm_shards = {arm: f"{served}/{Path(folder).name}" for arm, folder in arm_shards.items()}
+                shards += f", served by nginx at {served}"
             print(f"synthetic shards: {args.motions} motions in {args.shard_count} shards")
         else:
             require_shards(args.shards)
