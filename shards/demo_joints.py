@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rehamot.motion.skeletons import HUMANML3D_FPS, MAX_FPS, MIN_FPS, UNITS, UP_AXES
+from rehamot.motion.skeletons import HUMANML3D_FPS, MAX_FPS, MIN_FPS, UNITS, UP_AXES, resample
 
 # KIT-ML's 21 MMM joints from SMPL's 22 (HumanML3D order), the inverse of skeletons.KIT21:
 # each KIT joint is the mean of these SMPL joints. KIT's mid-foot joints (14, 19), which the
@@ -59,19 +59,6 @@ def smpl22_to_kit21(joints: np.ndarray) -> np.ndarray:
     for target, sources in enumerate(KIT21_FROM_SMPL22):
         matrix[target, list(sources)] = 1.0 / len(sources)
     return np.einsum("kj,...jc->...kc", matrix, joints)
-
-
-def resample(joints: np.ndarray, fps_in: float, fps_out: float) -> np.ndarray:
-    """Frames at `fps_out` over the same span (frame 0 kept), linearly interpolated."""
-    if fps_in == fps_out:
-        return joints
-    step = fps_in / fps_out
-    count = int(np.floor((len(joints) - 1) / step + 1e-9)) + 1
-    position = np.minimum(np.arange(count) * step, len(joints) - 1)
-    before = np.floor(position).astype(int)
-    after = np.minimum(before + 1, len(joints) - 1)
-    weight = (position - before)[:, None, None]
-    return joints[before] * (1.0 - weight) + joints[after] * weight
 
 
 def from_y_up(joints: np.ndarray, up: str) -> np.ndarray:

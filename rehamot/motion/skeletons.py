@@ -134,6 +134,15 @@ def resample_to_20fps(joints: np.ndarray, fps: float) -> np.ndarray:
     step = fps / HUMANML3D_FPS
     if step.is_integer():
         return joints[::int(step)]
+    return resample(joints, fps, HUMANML3D_FPS)
+
+
+def resample(joints: np.ndarray, fps_in: float, fps_out: float) -> np.ndarray:
+    """Frames at `fps_out` over the same span (frame 0 kept), linearly interpolated between the
+    two nearest frames."""
+    if fps_in == fps_out:
+        return joints
+    step = fps_in / fps_out
     count = int(np.floor((len(joints) - 1) / step + 1e-9)) + 1
     position = np.minimum(np.arange(count) * step, len(joints) - 1)
     before = np.floor(position).astype(int)
