@@ -94,6 +94,23 @@ def test_a_two_source_run_logs_samples_per_source_and_evaluates_the_eval_source(
     assert "mixture of a (weight 0.5) + b (weight 1)" in (reference_run / "final" / "README.md").read_text()
 
 
+def test_two_ranks_draw_the_mixture_together(mixture, tmp_path):
+    """torchrun, 2 ranks with a loader worker each: equal steps, every logged `source_samples`
+    summed over both ranks (2 x 16 samples a step), the leak check run once for the run."""
+    run_dir = tmp_path / "two-ranks"
+    run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "rehamot/train.py", "configs/demo.yaml", *mixture, f"run.dir={run_dir}", "train.max_steps=4"])
+    steps = records(run_dir)
+    assert list(steps) == [1, 2, 3, 4]
+    for step, record in steps.items():
+        drawn = record["source_samples"]
+        assert set(drawn) == {"a", "b"} and sum(drawn.values()) == 2 * 16 * step
+    assert min(steps[4]["source_samples"].values()) > 0
+    assert json.loads((run_dir / "meta.json").read_text())["world_size"] == 2
+    leaks = json.loads((run_dir / "leaks.json").read_text())
+    assert leaks and (run_dir / "DONE").exists()
+
+
 def test_evaluate_and_search_a_mixture_bundle_on_its_eval_source(reference_run, second_corpus, tmp_path):
     """Without --shards, rehamot-eval and the search index read the eval source and normalise with
     the bundle's Mean/Std: the same scores as the run's own end-of-run test."""
