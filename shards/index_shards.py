@@ -10,12 +10,14 @@ captions (a list of strings, or an object with a `captions` list of strings or o
 its name (`train-*`, `val-*`, `test-*`) or `--split`; fps and the feature layout from flags;
 Mean/Std from the train split. Samples that cannot be trained on are left out of the index (the
 tar is not changed: a reader follows the index) and listed in the manifest's `skipped`, with
-the shard sets' own reasons. The index files and manifest.json go beside the shards, or to
---out (a folder to upload beside the shards in a bucket).
+the shard sets' own reasons. The index files, the leak keys (leak_keys.py; each sample its own
+parent) and manifest.json go beside the shards, or to --out (a folder to upload beside the
+shards in a bucket).
 
 A folder holding a rehamot manifest of an older format is upgraded instead: each shard is
-mapped, its samples checked against the old index's digests, the new indexes and the manifest
-written (the tars are not touched).
+mapped, its samples checked against the old index's digests, the new indexes, the leak keys
+(each sample's parent from its meta JSON) and the manifest written (the tars are not touched),
+byte for byte what sharding the same corpus now writes.
 
 Headers come from others: each member's size is checked against the bytes the file holds
 before the reader is let past it (a negative or huge size would make tarfile seek backwards
@@ -27,6 +29,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -111,9 +114,11 @@ class ShardMap:
     motions: list[np.ndarray] = field(default_factory=list)  # kept when asked (Mean/Std)
 
 
-def write_index(shard: Path, out_dir: Path, judge: ForeignJudge, keep_motions: bool = False) -> ShardMap:
+def write_index(shard: Path, out_dir: Path, judge: ForeignJudge, keep_motions: bool = False,
+                keys: Any = None, split: str = "") -> ShardMap:
     """Map `shard` with `judge.members` (the motion first), leaving out the samples `judge`
-    refuses; write `<shard>.index.json` into `out_dir`."""
+    refuses; write `<shard>.index.json` into `out_dir`. `keys` (a leak_keys.KeyCollector) gets
+    each sample kept, as it is read, under `split`, each its own parent."""
     entries, skipped, motions, captions = [], [], [], 0
     with open(shard, "rb") as stream:
         for key, spans in tar_samples(shard):
@@ -126,6 +131,8 @@ def write_index(shard: Path, out_dir: Path, judge: ForeignJudge, keep_motions: b
             entries.append((key, [None if m not in data else (*spans[m], schema.member_digest(data[m]))
                                   for m in judge.members], verdict))
             captions += len(verdict)
+            if keys is not None:
+                add_key(keys, split, key, data[judge.members[0]], key)
             if keep_motions:
                 motions.append(schema.decode_motion(data[judge.members[0]]))
     body = schema.encode_index(shard.name, shard.stat().st_size, judge.members, entries)
@@ -143,6 +150,24 @@ def our_entries(shard: Path, written: list[tuple[str, dict[str, bytes], list[lis
     entries = [(key, [None if m not in spans else (*spans[m], digests[m]) for m in schema.DIGESTED_MEMBERS],
                 caps) for (key, spans), (_, digests, caps) in zip(mapped, written)]
     return schema.encode_index(shard.name, shard.stat().st_size, schema.DIGESTED_MEMBERS, entries)
+
+
+def add_key(keys: Any, split: str, key: str, motion: bytes | None, parent: str | None) -> None:
+    """One sample's leak key; a motion that decodes to no features is kept by id (a reader
+    skips it as a bad sample: it can leak nothing)."""
+    try:
+        keys.add(split, SimpleNamespace(id=key, motion=motion), parent)
+    except (ValueError, EOFError, IndexError):
+        keys.add(split, SimpleNamespace(id=key, motion=None), parent)
+
+
+def meta_parent(data: bytes | None) -> str | None:
+    """The parent motion id a sample's meta JSON names (a sub-clip's source motion), if any."""
+    try:
+        parent = schema.decode_meta(data).get("parent_id") if data is not None else None
+    except (UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+        return None
+    return parent if isinstance(parent, str) and parent else None
 
 
 # -- the index command ---------------------------------------------------------------------------
@@ -234,18 +259,24 @@ def index_folder(folder: Path, out: Path | None, *, split: str | None, fps: floa
 
 def _upgrade(folder: Path, out: Path, console: Any) -> dict[str, Any]:
     from shards.files import file_sha256  # noqa: PLC0415
+    from shards.leak_keys import KeyCollector  # noqa: PLC0415
     from shards.plan import ShardingError  # noqa: PLC0415
     from shards.writer import write_manifest  # noqa: PLC0415
 
     manifest = json.loads((folder / schema.MANIFEST_NAME).read_text(encoding="utf-8"))
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version == schema.FORMAT_VERSION:
-        console(f"index: {folder} is already of format {version}; nothing to do")
+        # only a set this command mapped before it wrote keys lacks them: mapping it again adds them
+        missing = "" if isinstance(manifest.get("leak_keys"), dict) else (
+            f" (it lists no leak keys: remove its {schema.MANIFEST_NAME} and index the shards again)")
+        console(f"index: {folder} is already of format {version}; nothing to do{missing}")
         return manifest
     if version != 2:
         raise ShardingError(f"{folder}: a manifest of format {version!r}; index upgrades format 2 "
                             f"sets (older ones: {schema.RESHARD})")
     schema.check_manifest({**manifest, "format_version": schema.FORMAT_VERSION}, str(folder))
+    # the manifest's splits, shards and the tars' samples are build.py's writing order: its keys' order
+    keys = KeyCollector(int(manifest["feature_dim"]), float(manifest["fps"]))
     for split, entry in manifest["splits"].items():
         for record in entry["shards"]:
             shard = folder / record["path"]
@@ -260,6 +291,8 @@ def _upgrade(folder: Path, out: Path, console: Any) -> dict[str, Any]:
                         raise ShardingError(f"{shard.name}/{key}: differs from its format-2 index "
                                             f"(altered since sharding): {schema.RESHARD}")
                     written.append((key, digests, schema.meta_captions(data.get(schema.META_MEMBER), key)))
+                    add_key(keys, split, key, data.get(schema.MOTION_MEMBER),
+                            meta_parent(data.get(schema.META_MEMBER)))
             if len(written) != int(record["samples"]):
                 raise ShardingError(f"{shard.name}: {len(written)} samples, the manifest says {record['samples']}")
             index = out / schema.index_name(record["path"])
@@ -267,7 +300,17 @@ def _upgrade(folder: Path, out: Path, console: Any) -> dict[str, Any]:
             record.update(index=index.name, index_sha256=file_sha256(index))
         console(f"index: {split}: {len(entry['shards'])} shards mapped")
     manifest.pop("format_version")
-    return write_manifest(out, manifest)
+    return write_manifest(out, with_keys(manifest, keys.write(out)))
+
+
+def with_keys(manifest: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """The manifest listing `entry` as its leak keys: where it was, else where build.py puts
+    it (after `hygiene`), so the manifest is the bytes a fresh sharding writes."""
+    if "leak_keys" in manifest:
+        return {**manifest, "leak_keys": entry}
+    items = list(manifest.items())
+    at = next((i + 1 for i, (name, _) in enumerate(items) if name == "hygiene"), len(items))
+    return dict([*items[:at], ("leak_keys", entry), *items[at:]])
 
 
 def _old_digests(path: Path) -> dict[str, dict[str, bytes]]:
@@ -280,6 +323,7 @@ def _old_digests(path: Path) -> dict[str, dict[str, bytes]]:
 def _index_plain(folder: Path, out: Path, *, split: str | None, fps: float | None,
                  feature_dim: int | None, corpus: str, console: Any) -> dict[str, Any]:
     from shards.files import file_sha256  # noqa: PLC0415
+    from shards.leak_keys import KeyCollector  # noqa: PLC0415
     from shards.plan import ShardingError, is_valid_fps  # noqa: PLC0415
     from shards.writer import RunningMoments, write_manifest  # noqa: PLC0415
 
@@ -298,10 +342,11 @@ def _index_plain(folder: Path, out: Path, *, split: str | None, fps: float | Non
             raise ShardingError(f"{shard.name}: no split in its name (train-*, val-*, test-*); give --split")
         by_split.setdefault(name_split, []).append(shard)
     judge, moments, skipped, splits = ForeignJudge(feature_dim), RunningMoments(feature_dim), [], {}
+    keys = KeyCollector(feature_dim, fps)
     for name in [s for s in schema.SPLITS if s in by_split]:
         records, motions_total, captions_total = [], 0, 0
         for shard in by_split[name]:
-            mapped = write_index(shard, out, judge, keep_motions=name == "train")
+            mapped = write_index(shard, out, judge, keep_motions=name == "train", keys=keys, split=name)
             for motion in mapped.motions:
                 data = motion.astype(np.float64)
                 mean = data.mean(axis=0)
@@ -326,4 +371,5 @@ def _index_plain(folder: Path, out: Path, *, split: str | None, fps: float | Non
                                                               "feature_dim": feature_dim}},
         "splits": splits, "mean": [float(v) for v in mean], "std": [float(v) for v in std],
         "mean_std_source": "train split", "skipped": sorted(skipped, key=lambda s: (s["id"], s["reason"])),
+        "leak_keys": keys.write(out),
     })

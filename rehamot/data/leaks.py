@@ -137,8 +137,8 @@ def load_keys(location: str, manifest: dict[str, Any], name: str) -> KeySet:
     entry = manifest.get("leak_keys")
     where = locations.join(str(location), KEYS_NAME)
     if not isinstance(entry, dict):
-        raise LeakKeysError(f"{locations.join(str(location), schema.MANIFEST_NAME)} lists no leak keys "
-                            f"(sharded before they existed); {schema.RESHARD}")
+        raise LeakKeysError(f"{locations.join(str(location), schema.MANIFEST_NAME)} lists no leak keys: "
+                            f"re-shard it, or remove that manifest and run make_shards.py index on the folder")
     try:
         file_name = schema.check_file_name(entry.get("path"), where)
         where = locations.join(str(location), file_name)

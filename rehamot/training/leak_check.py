@@ -75,8 +75,8 @@ class LeakCheck:
         report = self.report
         where = f"{self.path} (reused)" if self.reused else str(self.path)
         for name in report.get("skipped_without_keys", []):
-            print(f"leaks: source {name!r} lists no leak keys (sharded before they existed): not checked; re-shard "
-                  "it to check it", flush=True)
+            print(f"leaks: source {name!r} lists no leak keys: not checked; re-shard it, or "
+                  "remove its manifest.json and run make_shards.py index on it, to check it", flush=True)
         dropped = sum(len(ids) for ids in report["dropped"].values())
         verb = "left out of training" if self.action == "drop" else "found (data.leaks=report: kept)"
         print(f"leaks: {dropped} train samples duplicate a val/test sample, {verb}; {where}", flush=True)

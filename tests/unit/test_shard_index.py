@@ -16,7 +16,7 @@ import pytest
 import webdataset as wds
 from data_fixtures import truncate_inside_sample, write_shard_set
 
-from rehamot.data import schema
+from rehamot.data import leaks, schema
 from rehamot.data.eval_set import EvalSet
 from rehamot.data.pipeline import DataConfig, TrainStream
 from rehamot.data.reading import ShardReadError, load_index, read_manifest, read_segment
@@ -154,7 +154,7 @@ def test_index_maps_webdataset_shards_made_elsewhere(tmp_path):
     usable = plain_set(tmp_path / "plain")
     out = tmp_path / "for-the-bucket"
     assert main(["index", str(tmp_path / "plain"), "--out", str(out), "--fps", "20", "--feature-dim", "6"]) == 0
-    assert not list((tmp_path / "plain").glob("*.json"))  # written to --out only
+    assert not list((tmp_path / "plain").glob("*.json")) + list((tmp_path / "plain").glob("*.npz"))  # to --out only
     for path in (tmp_path / "plain").iterdir():
         shutil.copy(path, out / path.name)  # the upload beside the shards
     manifest = read_manifest(str(out))
@@ -174,6 +174,9 @@ def test_index_maps_webdataset_shards_made_elsewhere(tmp_path):
     assert eval_set.num_motions == 8 and eval_set.captions[0].text == "test motion 0 caption 0"
     assert sum(len(b["ids"]) for b in eval_set.motion_batches(3)) == 8
     assert verify_shards(out) == []
+    keys = leaks.load_keys(str(out), manifest, "plain")  # 6 features give no joints: ids, splits, parents
+    assert manifest["leak_keys"]["content"] is False and keys.splits.count("train") == 16 and len(keys) == 32
+    assert keys.parents == keys.ids and "bad_nan" not in keys.ids
 
 
 def test_index_refuses_a_hostile_or_compressed_shard_in_one_line(tmp_path, capsys):
@@ -215,8 +218,13 @@ def test_index_upgrades_an_older_set_in_place(shard_set, tmp_path, capsys):
     with pytest.raises(schema.ShardSetError, match="make_shards.py index DIR"):
         read_manifest(str(old))
     assert main(["index", str(old)]) == 0
-    for name in ("manifest.json", "train-000000.index.json", "test-000000.index.json"):
+    for name in ("train-000000.index.json", "test-000000.index.json"):
         assert (old / name).read_bytes() == (shard_set.root / name).read_bytes()  # as if sharded now
+    upgraded = json.loads((old / "manifest.json").read_text())  # the fixture writes no leak keys
+    assert upgraded == {**shard_set.manifest, "leak_keys": upgraded["leak_keys"]}
+    keys = leaks.load_keys(str(old), upgraded, "old")
+    assert keys.ids == [i for split in ("train", "test") for i in shard_set.ids[split]] == keys.parents
+    assert upgraded["leak_keys"]["content"] is False  # 5 features give no joints: ids and splits only
     shard = old / "train-000001.tar"
     data = bytearray(shard.read_bytes())
     data[int(index_of(shard_set, 1).offsets[-1, 0]) + 200] ^= 1  # inside the last sample's motion
@@ -225,3 +233,67 @@ def test_index_upgrades_an_older_set_in_place(shard_set, tmp_path, capsys):
     as_format_2(old)
     assert main(["index", str(old)]) == 1
     assert "train-000001.tar/000019: differs from its format-2 index" in capsys.readouterr().err
+
+
+def test_an_upgraded_set_has_the_leak_keys_of_a_fresh_sharding(demo_shards, tmp_path):
+    """A format-2 set sharded before the keys existed: the upgrade writes the keys file and the
+    manifest a fresh sharding of the corpus writes, byte for byte (sub-clips keep their parent)."""
+    old = Path(shutil.copytree(demo_shards, tmp_path / "old"))
+    as_format_2(old)
+    manifest = json.loads((old / schema.MANIFEST_NAME).read_text())
+    manifest.pop("leak_keys")
+    (old / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    (old / leaks.KEYS_NAME).unlink()
+    assert main(["index", str(old)]) == 0
+    for path in sorted(demo_shards.iterdir()):
+        if path.is_file():
+            assert (old / path.name).read_bytes() == path.read_bytes(), path.name
+    fresh = leaks.load_keys(str(demo_shards), schema.load_manifest(str(demo_shards)), "demo")
+    assert any(parent != sample for sample, parent in zip(fresh.ids, fresh.parents))  # sub-clips were seen
+
+
+def test_a_set_indexed_here_gets_leak_keys_and_hygiene_finds_a_planted_copy(tmp_path):
+    """WebDataset shards made elsewhere (HumanML3D's 263 features), once as they are and once
+    with a copy of a test motion planted in train: both indexed with their keys, `hygiene`
+    finds the copy and nothing else."""
+    rng = np.random.default_rng(3)
+    motions = {split: {f"{split}_{i:02d}": (0.2 * rng.standard_normal((40 + 7 * i, 263))).astype(np.float32)
+                       for i in range(count)} for split, count in (("train", 10), ("val", 3), ("test", 4))}
+    for name, planted in (("clean", {}), ("planted", {"planted_copy": motions["test"]["test_02"]})):
+        (tmp_path / name).mkdir()
+        for split, samples in motions.items():
+            samples = {**samples, **(planted if split == "train" else {})}
+            write_plain_shard(tmp_path / name / f"{split}-0.tar", [
+                (key, {"npy": npy(samples[key]), "txt": f"{split} {key}".encode()}) for key in sorted(samples)])
+        assert main(["index", str(tmp_path / name), "--fps", "20", "--layout", "humanml3d"]) == 0
+        manifest = read_manifest(str(tmp_path / name))
+        assert manifest["leak_keys"]["layout"] == "humanml3d" and manifest["leak_keys"]["content"] is True
+        keys = leaks.load_keys(str(tmp_path / name), manifest, name)
+        assert keys.ids == keys.parents == [*planted, *motions["train"], *motions["val"], *motions["test"]]
+        assert keys.splits == ["train"] * (10 + len(planted)) + ["val"] * 3 + ["test"] * 4
+        assert verify_shards(tmp_path / name) == []
+    report = tmp_path / "report.json"
+    assert main(["hygiene", str(tmp_path / "clean"), str(tmp_path / "planted"), "--json", str(report)]) == 0
+    found = json.loads(report.read_text())
+    assert found["dropped"] == {"clean": [], "planted": ["planted_copy"]}
+    pairs = {(p["train"], p["against"]): p["duplicates"] for p in found["pairs"]}
+    for against in ("clean", "planted"):  # its own test split, and the clean set's
+        (copy,) = pairs["planted", against]
+        assert copy["id"] == "planted_copy" and copy["of"] == "test/test_02" and copy["error_m"] < 0.001
+
+
+def test_a_set_mapped_without_keys_is_told_how_to_get_them(tmp_path, capsys):
+    plain_set(tmp_path / "plain")
+    args = ["index", str(tmp_path / "plain"), "--fps", "20", "--feature-dim", "6"]
+    assert main(args) == 0 and main(args) == 0
+    said = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert said.endswith("already of format 3; nothing to do")
+    manifest_path = tmp_path / "plain" / schema.MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest.pop("leak_keys")  # as mapped before `index` wrote keys
+    manifest_path.write_text(json.dumps(manifest))
+    assert main(args) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert said.endswith("nothing to do (it lists no leak keys: remove its manifest.json and index the shards again)")
+    manifest_path.unlink()
+    assert main(args) == 0 and leaks.has_keys(read_manifest(str(tmp_path / "plain")))
