@@ -47,7 +47,7 @@ demo-mix: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Unit tests only: ~1.5 min on 2 idle cores.
+# Unit tests only: ~1.2 min on 2 idle cores.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit
 
