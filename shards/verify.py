@@ -85,16 +85,18 @@ def _verify_shard(location: str, path: str, shard: dict[str, Any], split: str,
         return problems + [str(err)]
     ours = index.members == schema.DIGESTED_MEMBERS  # else a plain WebDataset set (`index`)
     captions = 0
-    previous = ""
+    previous, seen = "", set()
     try:
         for raw in read_samples(path, index, max_member=schema.member_cap(int(manifest["feature_dim"]))):
             key, position = raw["__key__"], raw["__position__"]
             where = f"{name}/{key}"
             if not is_valid_key(key):
                 problems.append(f"{where}: key is not a valid shard key (dots or other characters)")
-            if key <= previous:
-                problems.append(f"{where}: keys out of order or repeated")
+            # our writer sorts keys; a set made elsewhere keeps its tar order, but no key twice
+            if (key <= previous) if ours else (key in seen):
+                problems.append(f"{where}: keys out of order or repeated" if ours else f"{where}: key repeated")
             previous = key
+            seen.add(key)
             mismatch = index.mismatch(raw, position)
             if mismatch is not None:  # reported, and what is wrong with its bytes too
                 problems.append(f"{where}: digest_mismatch: {mismatch}")

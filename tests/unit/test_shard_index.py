@@ -179,6 +179,24 @@ def test_index_maps_webdataset_shards_made_elsewhere(tmp_path):
     assert keys.parents == keys.ids and "bad_nan" not in keys.ids
 
 
+def test_a_set_made_elsewhere_may_keep_its_keys_in_any_order_but_not_twice(tmp_path, capsys):
+    rng = np.random.default_rng(4)
+    root = tmp_path / "unsorted"
+    root.mkdir()
+    for split in ("train", "val", "test"):
+        keys = [f"{split}_{i}" for i in (3, 1, 2, 0)]  # not sorted
+        write_plain_shard(root / f"{split}-0.tar", [
+            (key, {"npy": npy(rng.standard_normal((20, 6)).astype(np.float32)), "txt": key.encode()}) for key in keys])
+    assert main(["index", str(root), "--fps", "20", "--feature-dim", "6"]) == 0
+    assert verify_shards(root) == []
+    (root / schema.MANIFEST_NAME).unlink()
+    sample = ("test_1", {"npy": npy(np.zeros((20, 6), np.float32)), "txt": b"again"})
+    write_plain_shard(root / "test-0.tar", [sample, ("test_0", sample[1]), sample])
+    capsys.readouterr()
+    assert main(["index", str(root), "--fps", "20", "--feature-dim", "6"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["error: test-0.tar: a key appears in two places of the tar"]
+
+
 def test_index_refuses_a_hostile_or_compressed_shard_in_one_line(tmp_path, capsys):
     from test_hostile_shards import gzip_bomb, negative_directory
 
