@@ -36,6 +36,7 @@ nothing dropped leaves every plan as it was.
 """
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -109,10 +110,18 @@ class SourceShards:
     def num_samples(self) -> int:
         return sum(self.shard_sizes) - len(self.dropped)
 
+    @functools.cached_property
+    def _dropped_by_shard(self) -> dict[int, list[int]]:
+        """Dropped positions per shard, ascending (grouped once: plans ask per shard, per epoch)."""
+        by_shard: dict[int, list[int]] = {}
+        for shard, position in sorted(self.dropped):
+            by_shard.setdefault(shard, []).append(position)
+        return by_shard
+
     def shard_pieces(self, shard: int) -> list[Segment]:
         """One of its shards (numbered within the source) as the segments of its kept positions."""
         pieces, first = [], 0
-        for position in sorted(p for s, p in self.dropped if s == shard):
+        for position in self._dropped_by_shard.get(shard, ()):
             if first < position:
                 pieces.append(Segment(self.offset + shard, first, position))
             first = position + 1
